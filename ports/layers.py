@@ -1,0 +1,135 @@
+"""PyTorch-equivalent building blocks, NHWC, shared by every port and by ID-Guard's generator.
+
+Each block reproduces what the named torch layer computes, including the traps listed in
+DEVELOPERS.md: explicit padding everywhere (Flax 'SAME' differs from torch for k3 s2 convs and for
+transposed convs with output_padding), eps 1e-5 in the norms, statistics in float32, and the
+unbiased running-variance update of torch's BatchNorm.
+
+Parameter names follow Flax conventions (`kernel`, `bias`, `scale`; BatchNorm running statistics
+`mean`/`var` in the `batch_stats` collection) so that `convert.torch_io` maps torch state_dicts
+onto them with one generic rule.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+__all__ = [
+    "conv2d", "conv_transpose2d", "dense", "reflect_pad", "InstanceNorm", "BatchNorm", "clamp",
+]
+
+
+def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, *, bias: bool,
+           name: str | None = None, dtype: Dtype = None,
+           kernel_init: Initializer = nn.initializers.lecun_normal()) -> nn.Conv:
+    """torch.nn.Conv2d(in, features, kernel, stride, padding, bias=bias) with zero padding.
+
+    Kernel layout HWIO = torch weight (O, I, kh, kw) transposed (2, 3, 1, 0).
+    """
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((padding, padding), (padding, padding)), use_bias=bias,
+                   dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+def conv_transpose2d(features: int, kernel: int, stride: int, padding: int,
+                     output_padding: int = 0, *, bias: bool, name: str | None = None,
+                     dtype: Dtype = None,
+                     kernel_init: Initializer = nn.initializers.lecun_normal()) -> nn.ConvTranspose:
+    """torch.nn.ConvTranspose2d(in, features, kernel, stride, padding, output_padding, bias=bias).
+
+    Output size = (H - 1) * stride - 2 * padding + kernel + output_padding, as in torch.
+    Kernel layout = torch weight (I, O, kh, kw) transposed (2, 3, 1, 0), used with
+    transpose_kernel=True (the kernel is flipped and its in/out axes swapped, as torch does).
+    """
+    lo = kernel - 1 - padding
+    hi = lo + output_padding
+    return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride),
+                            padding=((lo, hi), (lo, hi)), transpose_kernel=True, use_bias=bias,
+                            dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+def dense(features: int, *, bias: bool = True, name: str | None = None,
+          dtype: Dtype = None) -> nn.Dense:
+    """torch.nn.Linear; kernel = torch weight transposed. Flatten NCHW before it (see ports)."""
+    return nn.Dense(features, use_bias=bias, dtype=dtype, name=name)
+
+
+def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
+    """torch.nn.ReflectionPad2d(pad) on an NHWC batch."""
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+
+def clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
+    """torch.clamp, including its gradient: 1 inside [lo, hi] (ends included), 0 outside.
+
+    `jnp.clip` halves the gradient where x equals a bound; a prior perturbation that PGD left
+    exactly at +-eps would then learn at half speed.
+    """
+    return jnp.where((x >= lo) & (x <= hi), x, jnp.clip(x, lo, hi))
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance in float32, two-pass (no E[x^2] - E[x]^2 cancellation)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    return mean, var
+
+
+class InstanceNorm(nn.Module):
+    """torch.nn.InstanceNorm2d(C, affine=True) normalising with per-image statistics.
+
+    This is what the StarGAN family runs: their norms carry running buffers
+    (track_running_stats=True) but the reference never calls eval(), so per-image statistics are
+    used and the buffers are ignored (targets.md 10.1).
+    """
+    epsilon: float = 1e-5
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        mean, var = _moments(x, (1, 2))
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype or x.dtype)
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d(C) (momentum 0.1, eps 1e-5), NHWC.
+
+    Training normalises with the batch's biased variance and updates the running variance with
+    the UNBIASED one, as torch does (flax.linen.BatchNorm uses the biased one). Under jit with a
+    batch sharded over devices the statistics are those of the global batch.
+    """
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = None
+    scale_init: Initializer = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            m, v = _moments(x, (0, 1, 2))
+            mean, var = m.reshape(c), v.reshape(c)
+            if not self.is_initializing():
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype or x.dtype)
