@@ -39,3 +39,64 @@ def central_face_mask(size: int) -> np.ndarray:
     m = np.zeros((size, size, 1), np.float32)
     m[int(0.35 * size):int(0.85 * size), int(0.25 * size):int(0.75 * size)] = 1.0
     return m
+
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class FaceData:
+    """A training set held as arrays (issue 5 replaces the arrays by a memory-mapped cache).
+
+    images (N,S,S,3) uint8; masks (N,S,S,1) uint8 in {0,1} (the binary facial-component mask);
+    heatmaps (N,S,S,1) float32 in [0,1] or None (= uniform); labels (N,5) float32 (the StarGAN
+    attributes). `notes` says what is a stand-in, and travels into logs and checkpoints.
+    """
+    images: np.ndarray
+    masks: np.ndarray
+    heatmaps: np.ndarray | None
+    labels: np.ndarray
+    names: list[str]
+    notes: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def demo_dataset(folder, size: int, seed: int = 0, limit: int | None = None) -> FaceData:
+    """A folder of aligned faces with STAND-IN annotations: central-box masks, uniform heatmaps
+    and random attribute labels (seeded). Enough to exercise training; not the paper's data."""
+    images, paths = load_folder(folder, size, limit)
+    n = len(images)
+    masks = np.broadcast_to(central_face_mask(size).astype(np.uint8), (n, size, size, 1)).copy()
+    labels = np.random.default_rng(seed).integers(0, 2, (n, 5)).astype(np.float32)
+    return FaceData(images=images, masks=masks, heatmaps=None, labels=labels,
+                    names=[os.path.basename(p) for p in paths],
+                    notes=("stand-in masks: central face box", "stand-in heatmaps: uniform",
+                           "stand-in labels: random"))
+
+
+class BatchSampler:
+    """Fixed-size batches, shuffled per epoch by seed, addressable by step (so resuming at step s
+    gives exactly the batches an uninterrupted run would have seen). Drops the last partial batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"{n} images are fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return np.sort(perm[i * self.batch_size:(i + 1) * self.batch_size])
+
+
+def batch_at(data: FaceData, idx: np.ndarray) -> dict:
+    """The batch dict the train step takes (host numpy arrays)."""
+    if data.heatmaps is None:
+        heat = np.ones((len(idx),) + data.masks.shape[1:], np.float32)
+    else:
+        heat = data.heatmaps[idx]
+    return {"image": data.images[idx], "mask": data.masks[idx], "heatmap": heat,
+            "labels": data.labels[idx]}

@@ -18,6 +18,7 @@ from flax import linen as nn
 from ports.layers import BatchNorm, clamp, conv2d, conv_transpose2d, reflect_pad
 
 __all__ = ["ResnetGenerator", "GeneratorConfig", "perturb", "init_generator", "init_kernel",
+           "fit_delta_p", "save_generator", "load_generator",
            "init_bn_scale"]
 
 Dtype = Any

@@ -1,0 +1,165 @@
+"""Convert an official PyTorch checkpoint into a bundle the library loads (no torch needed there).
+
+    python convert/convert.py MODEL CHECKPOINT OUT_DIR [--overwrite] [--image-size N] [--prior FILE]
+
+MODEL is a target network (stargan, aggan, fpgan: `200000-G.ckpt`, a plain state_dict) or
+`generator` (ID-Guard's `AdvG.pth`, with the prior perturbation `optimized_pri_pert.pt` read from
+beside it unless --prior names it). The bundle is written to OUT_DIR/MODEL. Checkpoints are read
+with torch's weights_only loader, so a file carrying pickled code is refused, never run.
+Exit codes: 0 done, 2 refused (one line on stderr names the file or option and the problem).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+
+from convert.torch_io import (ConversionError, load_torch_file, state_dict_to_numpy,
+                              tensor_to_numpy, to_flax)
+from idguard_jax.checkpoint import save_bundle
+from idguard_jax.generator import GeneratorConfig, fit_delta_p, init_generator, save_generator
+from ports.stargan import StarGANFamilyGenerator
+
+__all__ = ["main", "convert_target", "convert_generator", "TARGETS", "KNOWN_MODELS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """How one network converts: its configuration (stored in the bundle's meta), its abstract
+    variables for (config, image_size), and the torch keys it drops (regexes)."""
+    config: dict
+    abstract_variables: Callable[[dict, int], dict]
+    ignore: tuple[str, ...] = ()
+    kind: str = "target"
+
+
+def _stargan_family_variables(config: dict, image_size: int) -> dict:
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    c = jax.ShapeDtypeStruct((1, config["c_dim"]), jnp.float32)
+    return jax.eval_shape(StarGANFamilyGenerator(**config).init, jax.random.key(0), x, c)
+
+
+# The family's InstanceNorms store running buffers that train-mode IN never reads (targets.md 10.1).
+_IN_RUNNING_STATS = (r"\.running_(mean|var)$",)
+
+TARGETS: dict[str, TargetSpec] = {
+    variant: TargetSpec(dict(conv_dim=64, c_dim=5, repeat_num=6, variant=variant),
+                        _stargan_family_variables, _IN_RUNNING_STATS)
+    for variant in ("stargan", "aggan", "fpgan")
+}
+GENERATOR = "generator"
+KNOWN_MODELS = tuple(sorted([*TARGETS, GENERATOR]))
+PRIOR_FILE = "optimized_pri_pert.pt"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    """Checked before any work, so a refused run leaves an existing bundle untouched."""
+    if overwrite or not os.path.exists(out):
+        return
+    if os.path.isdir(out) and not os.listdir(out):
+        return
+    raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+
+
+def convert_target(model: str, checkpoint: str, out_dir: str, overwrite: bool = False,
+                   image_size: int = 256) -> str:
+    """Convert a target network's state_dict file to the bundle OUT_DIR/MODEL; returns its path."""
+    spec = TARGETS[model]
+    out = os.path.join(out_dir, model)
+    _refuse_existing(out, overwrite)
+    state_dict = state_dict_to_numpy(load_torch_file(checkpoint), checkpoint)
+    variables = to_flax(state_dict, spec.abstract_variables(spec.config, image_size), spec.ignore,
+                        source=checkpoint)
+    meta = {"kind": spec.kind, "model": model, "config": spec.config,
+            "source": os.path.basename(checkpoint), "sha256": _sha256(checkpoint)}
+    return save_bundle(out, variables, meta, overwrite=overwrite)
+
+
+def convert_generator(checkpoint: str, out_dir: str, overwrite: bool = False,
+                      image_size: int = 256, prior: str | None = None) -> str:
+    """Convert an official AdvG.pth (+ its prior perturbation) to OUT_DIR/generator."""
+    prior = prior or os.path.join(os.path.dirname(checkpoint), PRIOR_FILE)
+    out = os.path.join(out_dir, GENERATOR)
+    _refuse_existing(out, overwrite)
+    if not os.path.isfile(prior):
+        raise ConversionError(f"{prior}: prior perturbation not found (it is read from beside "
+                              f"the checkpoint; name another file with --prior FILE)")
+    cfg = GeneratorConfig(image_size=image_size)
+    abstract = jax.eval_shape(lambda key: init_generator(key, cfg), jax.random.key(0))
+    state_dict = state_dict_to_numpy(load_torch_file(checkpoint), checkpoint)
+    variables = to_flax(state_dict, abstract, source=checkpoint)
+    try:
+        delta_p = fit_delta_p(tensor_to_numpy(load_torch_file(prior), prior), image_size,
+                              source=prior)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    extra_meta = {"model": GENERATOR, "source": os.path.basename(checkpoint),
+                  "sha256": _sha256(checkpoint), "prior_source": os.path.basename(prior),
+                  "prior_sha256": _sha256(prior)}
+    return save_generator(out, variables, delta_p, cfg, extra_meta=extra_meta,
+                          overwrite=overwrite)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(KNOWN_MODELS)}")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="the official PyTorch file")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the bundle goes to OUT_DIR/MODEL")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--image-size", type=int, default=256, metavar="N",
+                   help="image size the network will run at (default 256)")
+    p.add_argument("--prior", metavar="FILE",
+                   help=f"generator only: the prior perturbation (default: {PRIOR_FILE} beside "
+                        "CHECKPOINT)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # usage errors: argparse has already printed the message
+        return e.code
+    problem = None
+    if args.model not in KNOWN_MODELS:
+        problem = f"unknown MODEL {args.model!r}; known models: {', '.join(KNOWN_MODELS)}"
+    elif args.image_size <= 0 or args.image_size % 4:
+        problem = f"--image-size {args.image_size}: must be a positive multiple of 4"
+    elif args.prior is not None and args.model != GENERATOR:
+        problem = f"--prior applies only to MODEL {GENERATOR!r}"
+    if problem:
+        print(f"convert: {problem}", file=sys.stderr)
+        return 2
+    try:
+        if args.model == GENERATOR:
+            path = convert_generator(args.checkpoint, args.out_dir, args.overwrite,
+                                     args.image_size, args.prior)
+        else:
+            path = convert_target(args.model, args.checkpoint, args.out_dir, args.overwrite,
+                                  args.image_size)
+    except (ConversionError, OSError) as e:  # OSError: an existing bundle, an unwritable OUT_DIR
+        print(f"convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

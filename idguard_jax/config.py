@@ -1,0 +1,143 @@
+"""Training configurations: runnable documentation of every knob.
+
+`paper()` is the paper's setting (IV-A5: 256 px, eps 0.05, batch 32, Adam 1e-4, betas 0.5/0.999,
+the five targets). `demo()` is a few-minute CPU run with small randomly initialised targets: it
+shows the machinery working, not the paper's numbers. Change a field with dataclasses.replace or
+`--set field=value` on experiments/train.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from idguard_jax.generator import GeneratorConfig
+from idguard_jax.losses import LossConfig
+from idguard_jax.strategies import STRATEGIES
+
+__all__ = ["TrainConfig", "paper", "demo", "tiny", "apply_overrides"]
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # data and budget
+    image_size: int = 256
+    batch_size: int = 32
+    num_steps: int | None = None      # None: one epoch over the training images (the reference)
+    seed: int = 0
+    # the generator and the perturbation budget (L-inf, in [-1, 1] units)
+    ngf: int = 64
+    n_blocks: int = 6
+    eps: float = 0.05
+    # what is attacked
+    targets: tuple[str, ...] = ("stargan", "aggan", "fpgan")
+    target_config: tuple[tuple[str, Any], ...] = ()   # architecture overrides, e.g. (("conv_dim", 8),)
+    all_conditions: bool = False      # every condition each step instead of step mod count
+    identity: str = "standin"         # network of the identity loss
+    identity_config: tuple[tuple[str, Any], ...] = ()
+    loss: LossConfig = LossConfig()
+    # how the per-target losses are weighted
+    strategy: str = "kpi"
+    prior_weights: str = "reference"  # 'reference' (1/10/1/10/100) or 'paper' (1/1/1/10/100)
+    mgda_solver: str = "reference"    # 'reference' (its projected-gradient algorithm) or 'exact'
+    mgda_gradients: str = "params"    # 'params' (the reference) or 'perturbation' (MGDA-UB)
+    # optimiser (Adam on G's parameters and delta_p together)
+    learning_rate: float = 1e-4
+    b1: float = 0.5
+    b2: float = 0.999
+    # numerics
+    dtype: str = "float32"            # compute dtype; master weights stay float32
+    # bookkeeping
+    log_every: int = 1
+    checkpoint_every: int = 500
+    max_to_keep: int = 3
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.prior_weights not in ("reference", "paper"):
+            raise ValueError(f"prior_weights={self.prior_weights!r}: 'reference' or 'paper'")
+        if self.mgda_solver not in ("reference", "exact"):
+            raise ValueError(f"mgda_solver={self.mgda_solver!r}: 'reference' or 'exact'")
+        if self.mgda_gradients not in ("params", "perturbation"):
+            raise ValueError(f"mgda_gradients={self.mgda_gradients!r}: 'params' or 'perturbation'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.image_size % 4:
+            raise ValueError(f"image_size={self.image_size}: must be a multiple of 4")
+        if not self.targets:
+            raise ValueError("targets: name at least one target")
+
+    @property
+    def generator(self) -> GeneratorConfig:
+        return GeneratorConfig(ngf=self.ngf, n_blocks=self.n_blocks, image_size=self.image_size,
+                               eps=self.eps)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        return json.loads(json.dumps(d))
+
+
+def paper(**overrides) -> TrainConfig:
+    """The paper's setting (IV-A5). Needs converted target weights and the CelebAMask-HQ data."""
+    return TrainConfig(**overrides)
+
+
+def demo(**overrides) -> TrainConfig:
+    """A CPU demo of a few minutes: 64 px, batch 4, 3 small RANDOM StarGAN-family targets,
+    a small random stand-in identity network. Not the paper's numbers."""
+    base = dict(image_size=64, batch_size=4, num_steps=30, ngf=16, n_blocks=2,
+                target_config=(("conv_dim", 16), ("repeat_num", 3)), identity="standin",
+                identity_config=(("width", 8),), checkpoint_every=10, log_every=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def tiny(**overrides) -> TrainConfig:
+    """The smallest configuration, for tests: 32 px, batch 2, narrow networks."""
+    base = dict(image_size=32, batch_size=2, num_steps=2, ngf=4, n_blocks=1,
+                target_config=(("conv_dim", 4), ("repeat_num", 3)), identity="standin",
+                identity_config=(("width", 4),), checkpoint_every=1000)
+    return TrainConfig(**{**base, **overrides})
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if isinstance(current, int) or current is None and text.isdigit():
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, tuple):
+        return tuple(s for s in text.split(",") if s)
+    return text
+
+
+def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
+    """Apply 'field=value' strings (e.g. from --set). Errors name the field."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    changes = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        key, text = item.split("=", 1)
+        if key.startswith("loss."):
+            sub = key[5:]
+            loss_fields = {f.name for f in dataclasses.fields(LossConfig)}
+            if sub not in loss_fields:
+                raise ValueError(f"--set {key}: unknown loss field (known: {', '.join(sorted(loss_fields))})")
+            loss = changes.get("loss", cfg.loss)
+            changes["loss"] = dataclasses.replace(loss, **{sub: _parse_value(text, getattr(loss, sub))})
+            continue
+        if key not in fields or key in ("target_config", "identity_config"):
+            raise ValueError(f"--set {key}: unknown or unsupported field (known: {', '.join(sorted(fields))})")
+        try:
+            changes[key] = _parse_value(text, getattr(cfg, key))
+        except ValueError as e:
+            raise ValueError(f"--set {key}: {e}") from e
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,121 @@
+"""The training loop around the jitted step: data, devices, logging, checkpoints, export.
+
+Metrics: one JSON line per logged step on stdout and in WORKDIR/metrics.jsonl. Checkpoints: every
+`checkpoint_every` steps and at the end, in WORKDIR/checkpoints (Orbax). The trained generator
+(with its delta_p) is exported as a bundle to WORKDIR/generator for `idguard_jax.protect`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from idguard_jax.checkpoint import RunCheckpointer
+from idguard_jax.config import TrainConfig
+from idguard_jax.data import BatchSampler, FaceData, batch_at
+from idguard_jax.generator import save_generator
+from idguard_jax.progress import Progress
+from idguard_jax.train import TrainState, create_setup, init_state, make_train_step
+
+__all__ = ["fit", "data_mesh", "shard_batch", "replicate"]
+
+# Fields that must agree between a run and the checkpoint it resumes.
+_RESUME_FIELDS = ("image_size", "batch_size", "ngf", "n_blocks", "eps", "targets", "strategy",
+                  "seed", "identity", "dtype")
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named 'data' over the given (default: all local) devices."""
+    devices = jax.local_devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def shard_batch(mesh: Mesh, batch: dict) -> dict:
+    """Split the batch axis over the mesh (the global batch stays one logical array)."""
+    n = mesh.devices.size
+    b = len(next(iter(batch.values())))
+    if b % n:
+        raise ValueError(f"batch size {b} is not divisible by the {n} devices")
+    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+
+
+def replicate(mesh: Mesh, tree):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume: bool = False,
+        delta_p=None, devices=None, log: Callable[[str], None] | None = None,
+        progress: bool = True) -> TrainState:
+    """Train the generator; returns the final state (also checkpointed and exported)."""
+    log = log or (lambda line: print(line, flush=True))
+    setup = create_setup(cfg)
+    sampler = BatchSampler(len(data), cfg.batch_size, cfg.seed)
+    total = cfg.num_steps if cfg.num_steps is not None else sampler.steps_per_epoch
+    mesh = data_mesh(devices)
+    if cfg.batch_size % mesh.devices.size:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the "
+                         f"{mesh.devices.size} devices")
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = RunCheckpointer(workdir, cfg.max_to_keep)
+    record = {"config": cfg.to_json(), "data": {"n": len(data), "notes": list(data.notes)}}
+
+    state = init_state(setup, jax.random.key(cfg.seed), delta_p)
+    if resume:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"--resume: {ckpt.directory} holds no checkpoint")
+        state, saved = ckpt.restore(jax.tree.map(jnp.asarray, state))
+        diff = [f for f in _RESUME_FIELDS if saved["config"].get(f) != record["config"].get(f)]
+        if diff:
+            raise ValueError(f"--resume: {workdir} was trained with other settings for "
+                             f"{', '.join(diff)}; use the same settings or another workdir")
+    elif ckpt.latest_step() is not None:
+        raise FileExistsError(f"{workdir} already holds checkpoints (step {ckpt.latest_step()}): "
+                              "pass --resume to continue it, or choose another workdir")
+
+    start = int(state.step)
+    state = replicate(mesh, state)
+    frozen = replicate(mesh, frozen)
+    step_fn = make_train_step(setup)
+    bar = Progress(total, "train", start=start) if progress else None
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    with open(metrics_path, "a") as mfile:
+        t_last = time.perf_counter()
+        for step in range(start, total):
+            batch = shard_batch(mesh, batch_at(data, sampler.indices(step)))
+            state, metrics = step_fn(state, batch, frozen)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                m = _scalars(metrics)
+                now = time.perf_counter()
+                line = json.dumps({"step": done, "time_s": round(now - t_last, 4), **m})
+                t_last = now
+                log(line)
+                mfile.write(line + "\n")
+                mfile.flush()
+            if done % cfg.checkpoint_every == 0 or done == total:
+                ckpt.save(done, state, {**record, "step": done})
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    ckpt.close()
+    host_state = jax.device_get(state)
+    save_generator(os.path.join(workdir, "generator"),
+                   {"params": host_state.params, "batch_stats": host_state.batch_stats},
+                   host_state.delta_p, cfg.generator,
+                   extra_meta={"trained_steps": int(host_state.step), "strategy": cfg.strategy,
+                               "targets": list(cfg.targets), "data_notes": list(data.notes)},
+                   overwrite=True)
+    print(f"generator exported to {os.path.join(workdir, 'generator')}", file=sys.stderr)
+    return host_state

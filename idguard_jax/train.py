@@ -1,0 +1,238 @@
+"""ID-Guard's training: the train state and ONE jitted train step.
+
+    setup = create_setup(cfg)                       # static: networks, optimiser, strategy
+    state = init_state(setup, key, delta_p)         # generator, delta_p, Adam, strategy state
+    step_fn = make_train_step(setup)                # jitted once, state donated
+    state, metrics = step_fn(state, batch, frozen)  # frozen = weights of targets + identity net
+
+Inside one step (paper eq. 12, the reference's solver.py):
+  1. Clean outputs, mid features and identity features of every target, computed once, without
+     gradient (they are constants of the losses).
+  2. x_adv, x_pri from the generator (BatchNorm on batch statistics), with the vjp that maps
+     image-space cotangents back to (G's parameters, delta_p).
+  3. Per target k: ONE batched forward of [x_adv; x_pri] and the gradient of its loss L_k with
+     respect to both images (one backward through target k only).
+  4. Weights lambda_k from the strategy (constants). For MGDA the per-target parameter gradients
+     come from a vmap of the generator's vjp over the N cotangents (one batched backward through
+     G), their Gram matrix feeds the min-norm solver, and the final gradient is their weighted
+     sum; every other strategy needs a single vjp through G with the weighted cotangent.
+  5. Adam (lr 1e-4, betas 0.5/0.999) on {G's parameters, delta_p}, maximising sum_k lambda_k L_k.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from idguard_jax import identity as identity_lib
+from idguard_jax import mgda
+from idguard_jax import targets as targets_lib
+from idguard_jax.config import TrainConfig
+from idguard_jax.generator import ResnetGenerator, init_generator, perturb
+from idguard_jax.losses import branch_losses
+from idguard_jax.strategies import initial_strategy_state, weights_from_values
+
+__all__ = ["TrainState", "Setup", "create_setup", "init_state", "init_frozen_random",
+           "compute_gradients", "train_step", "make_train_step", "compute_dtype"]
+
+
+def compute_dtype(name: str):
+    return {"float32": None, "bfloat16": jnp.bfloat16}[name]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array                 # int32 scalar: steps taken (selects this step's condition)
+    params: Any                     # the generator's parameters (float32 master weights)
+    batch_stats: Any                # its BatchNorm running statistics
+    delta_p: jax.Array              # (S, S, 3) prior perturbation, trained jointly (eq. 12)
+    opt_state: Any                  # Adam over {'params', 'delta_p'}
+    strategy_state: Any             # e.g. DTP's moving average of the KPIs
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static about a run: hashable descriptions, no weights."""
+    cfg: TrainConfig
+    generator: ResnetGenerator
+    targets: tuple[targets_lib.Target, ...]
+    identity: identity_lib.IdentityNet
+    optimizer: Any = dataclasses.field(compare=False, hash=False)
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.targets)
+
+    @property
+    def alpha(self) -> jax.Array:
+        """Prior weights alpha_k (all 1 under MGDA, as the reference)."""
+        if self.cfg.strategy == "mgda":
+            return jnp.ones((len(self.targets),), jnp.float32)
+        table = targets_lib.PRIOR_WEIGHTS[self.cfg.prior_weights]
+        return jnp.asarray([table[n] for n in self.target_names], jnp.float32)
+
+
+def create_setup(cfg: TrainConfig) -> Setup:
+    dtype = compute_dtype(cfg.dtype)
+    tconf = dict(cfg.target_config)
+    return Setup(
+        cfg=cfg,
+        generator=cfg.generator.module(dtype),
+        targets=tuple(targets_lib.build(n, tconf, dtype) for n in cfg.targets),
+        identity=identity_lib.build(cfg.identity, **dict(cfg.identity_config)),
+        optimizer=optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2),
+    )
+
+
+def init_state(setup: Setup, key: jax.Array, delta_p: jax.Array | None = None) -> TrainState:
+    """A fresh state; delta_p defaults to zeros (pass the gradient prior from experiments/prior.py)."""
+    cfg = setup.cfg
+    variables = init_generator(key, cfg.generator)
+    if delta_p is None:
+        delta_p = jnp.zeros((cfg.image_size, cfg.image_size, 3), jnp.float32)
+    trainable = {"params": variables["params"], "delta_p": jnp.asarray(delta_p, jnp.float32)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], delta_p=trainable["delta_p"],
+                      opt_state=setup.optimizer.init(trainable),
+                      strategy_state=initial_strategy_state(len(setup.targets)))
+
+
+def init_frozen_random(setup: Setup, key: jax.Array) -> dict:
+    """Random weights for every target and the identity network (demos and tests only)."""
+    keys = jax.random.split(key, len(setup.targets) + 1)
+    tconf = dict(setup.cfg.target_config)
+    tvars = {t.name: targets_lib.init_random(t.name, k, setup.cfg.image_size, tconf)[1]
+             for t, k in zip(setup.targets, keys[:-1])}
+    _, ivars = identity_lib.init_random(setup.cfg.identity, keys[-1], **dict(setup.cfg.identity_config))
+    return {"targets": tvars, "identity": ivars}
+
+
+def _conditions(target: targets_lib.Target, labels: jax.Array, step: jax.Array, every: bool):
+    """The conditions of this step, leading axis C (C = 1: number step mod count)."""
+    table = target.conditions(labels)
+    if every:
+        return table
+    idx = step % target.num_conditions
+    return jax.tree.map(lambda a: a[None], target.select(table, idx))
+
+
+def _twice(tree):
+    return jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), tree)
+
+
+def _weighted_sum(w: jax.Array, stacked):
+    return jax.tree.map(lambda g: jnp.tensordot(w, g, axes=1), stacked)
+
+
+def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict):
+    """Steps 1-4: the ASCENT direction sum_k lambda_k grad L_k for {'params', 'delta_p'}.
+
+    batch: 'image' (B,S,S,3) uint8 or float in [-1,1], 'mask' and 'heatmap' (B,S,S,1) in [0,1],
+    'labels' (B,5). Returns (grads, new batch_stats, new strategy state, lambda (N,), metrics).
+    """
+    cfg, lcfg = setup.cfg, setup.cfg.loss
+    x = batch["image"]
+    x = x.astype(jnp.float32) / 127.5 - 1.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    heat = batch["heatmap"].astype(jnp.float32)
+    n = x.shape[0]
+    id_net, id_vars = setup.identity, frozen["identity"]
+
+    # 1. Everything about the clean image, once, as constants.
+    conds, clean = [], []
+    for t in setup.targets:
+        c = _conditions(t, batch["labels"], state.step, cfg.all_conditions)
+        tv = frozen["targets"][t.name]
+        o, f = jax.vmap(lambda ci: t.forward(tv, x, ci))(c)
+        idf = jax.vmap(lambda oi: id_net.features(id_vars, oi))(o)
+        conds.append(c)
+        clean.append(jax.lax.stop_gradient((o, f, idf)))
+
+    # 2. The generator and its vjp.
+    def gen_fn(params, delta_p):
+        x_adv, x_pri, stats = perturb(setup.generator, {"params": params,
+                                      "batch_stats": state.batch_stats}, delta_p, x, cfg.eps,
+                                      train=True)
+        return (x_adv, x_pri), stats
+
+    (x_adv, x_pri), gen_vjp, new_stats = jax.vjp(gen_fn, state.params, state.delta_p,
+                                                 has_aux=True)
+
+    # 3. Per target: loss of both branches and its image-space gradient.
+    def target_loss(t, tv, c, o, f, idf, xa, xp):
+        def one_condition(ci, oi, fi, idfi):
+            out, feat = t.forward(tv, jnp.concatenate([xa, xp]), _twice(ci))
+            ida = id_net.features(id_vars, out)
+            adv = branch_losses(lcfg, oi, fi, idfi, out[:n], feat[:n], ida[:n], mask, heat)
+            pri = branch_losses(lcfg, oi, fi, idfi, out[n:], feat[n:], ida[n:], mask, heat)
+            return adv, pri
+        adv, pri = jax.vmap(one_condition)(c, o, f, idf)
+        adv = jax.tree.map(jnp.mean, adv)
+        pri = jax.tree.map(jnp.mean, pri)
+        loss = adv["total"] + pri["total"]
+        aux = {"loss": loss, "kpi": adv["mask"] + pri["mask"],
+               **{f"{k}_adv": v for k, v in adv.items() if k != "total"},
+               **{f"{k}_pri": v for k, v in pri.items() if k != "total"}}
+        return loss, aux
+
+    losses, auxes, g_adv, g_pri = [], [], [], []
+    for t, c, (o, f, idf) in zip(setup.targets, conds, clean):
+        grad_fn = jax.value_and_grad(functools.partial(target_loss, t, frozen["targets"][t.name],
+                                                       c, o, f, idf), argnums=(0, 1), has_aux=True)
+        (loss, aux), (ga, gp) = grad_fn(x_adv, x_pri)
+        losses.append(loss)
+        auxes.append(aux)
+        g_adv.append(ga)
+        g_pri.append(gp)
+    L = jnp.stack(losses)
+    K = jnp.stack([a["kpi"] for a in auxes])
+    g_adv, g_pri = jnp.stack(g_adv), jnp.stack(g_pri)   # (N, B, S, S, 3)
+
+    # 4. Task weights (constants) and the gradient of sum_k lambda_k L_k.
+    strategy_state = state.strategy_state
+    if cfg.strategy == "mgda" and cfg.mgda_gradients == "params":
+        per_task_params, per_task_delta = jax.vmap(gen_vjp)((g_adv, g_pri))
+        w = mgda.min_norm(mgda.gram_matrix(per_task_params), cfg.mgda_solver)
+        w = jax.lax.stop_gradient(w)
+        grad_params = _weighted_sum(w, per_task_params)
+        grad_delta = _weighted_sum(w, per_task_delta)
+    else:
+        if cfg.strategy == "mgda":   # MGDA-UB: gradients w.r.t. the generated images
+            w = mgda.min_norm(mgda.gram_matrix(g_adv), cfg.mgda_solver)
+        else:
+            w, strategy_state = weights_from_values(cfg.strategy, K, setup.alpha, strategy_state)
+        w = jax.lax.stop_gradient(w)
+        grad_params, grad_delta = gen_vjp((_weighted_sum(w, g_adv), _weighted_sum(w, g_pri)))
+
+    metrics = {"objective": jnp.sum(w * L)}
+    for i, name in enumerate(setup.target_names):
+        metrics[f"{name}/lambda"] = w[i]
+        for k, v in auxes[i].items():
+            metrics[f"{name}/{k}"] = v
+    grads = {"params": grad_params, "delta_p": grad_delta}
+    return grads, new_stats, strategy_state, w, metrics
+
+
+def train_step(setup: Setup, state: TrainState, batch: dict, frozen: dict):
+    """One optimisation step (see compute_gradients for `batch`): (new state, metrics)."""
+    ascent, new_stats, strategy_state, _, metrics = compute_gradients(setup, state, batch, frozen)
+    # 5. Maximise sum_k lambda_k L_k: Adam descends on its negative.
+    grads = jax.tree.map(jnp.negative, ascent)
+    trainable = {"params": state.params, "delta_p": state.delta_p}
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new_state = state.replace(step=state.step + 1, params=trainable["params"],
+                              batch_stats=new_stats, delta_p=trainable["delta_p"],
+                              opt_state=opt_state, strategy_state=strategy_state)
+    return new_state, metrics
+
+
+def make_train_step(setup: Setup, donate: bool = True):
+    """The jitted step (state buffers donated). Frozen weights are arguments, never constants."""
+    fn = functools.partial(train_step, setup)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,187 @@
+"""The train step: its gradients, strategies, conditions, tracing, and that training disrupts.
+
+All at the tiny configuration (32 px, narrow random networks) with STAND-IN masks, a uniform
+heatmap, random labels and a random stand-in identity network.
+"""
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from idguard_jax import config, data, mgda, targets, train
+from idguard_jax.generator import perturb
+from idguard_jax.losses import branch_losses
+from idguard_jax.strategies import weights_from_values
+
+
+@pytest.fixture(scope="module")
+def faces(shared_faces_dir):
+    return data.demo_dataset(shared_faces_dir, 32, seed=0)
+
+
+def _setup(**kw):
+    cfg = config.tiny(**kw)
+    setup = train.create_setup(cfg)
+    state = train.init_state(setup, jax.random.key(0),
+                             delta_p=0.03 * jax.random.normal(jax.random.key(5), (32, 32, 3)))
+    frozen = train.init_frozen_random(setup, jax.random.key(1))
+    return setup, state, frozen
+
+
+def _naive_losses(setup, state, batch, frozen, params, delta_p):
+    """Per-target L_k written the plain way: separate forwards, no vjp tricks, no batching."""
+    cfg = setup.cfg
+    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    x_adv, x_pri, _ = perturb(setup.generator, {"params": params, "batch_stats": state.batch_stats},
+                              delta_p, x, cfg.eps, train=True)
+    idn, idv = setup.identity, frozen["identity"]
+    out = []
+    for t in setup.targets:
+        tv = frozen["targets"][t.name]
+        c = t.select(t.conditions(batch["labels"]), state.step % t.num_conditions)
+        o, f = jax.lax.stop_gradient(t.forward(tv, x, c))
+        ido = jax.lax.stop_gradient(idn.features(idv, o))
+        total = 0.0
+        for xb in (x_adv, x_pri):
+            oa, fa = t.forward(tv, xb, c)
+            total += branch_losses(cfg.loss, o, f, ido, oa, fa, idn.features(idv, oa),
+                                   batch["mask"].astype(jnp.float32), batch["heatmap"])["total"]
+        out.append(total)
+    return jnp.stack(out)
+
+
+def _batch(faces, idx=(0, 1)):
+    return data.batch_at(faces, np.asarray(idx))
+
+
+def _close(a, b, rtol=2e-4):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        scale = float(jnp.max(jnp.abs(y))) + 1e-12
+        assert float(jnp.max(jnp.abs(x - y))) <= rtol * scale
+
+
+@pytest.mark.parametrize("strategy", ["kpi", "mgda"])
+def test_gradients_equal_plain_autodiff(faces, strategy):
+    """The step's vjp plumbing gives exactly grad(sum_k lambda_k L_k) (and, for MGDA, lambda
+    is the min-norm point of the plain per-target parameter gradients)."""
+    setup, state, frozen = _setup(strategy=strategy, targets=("stargan", "aggan"))
+    batch = _batch(faces)
+    grads, _, _, w, metrics = jax.jit(functools.partial(train.compute_gradients, setup))(
+        state, batch, frozen)
+    naive = functools.partial(_naive_losses, setup, state, batch, frozen)
+    L = jax.jit(naive)(state.params, state.delta_p)
+    np.testing.assert_allclose([metrics["stargan/loss"], metrics["aggan/loss"]], L, rtol=1e-5)
+    if strategy == "mgda":
+        per_task = jax.jit(jax.jacrev(naive, argnums=0))(state.params, state.delta_p)
+        w_ref = mgda.min_norm(mgda.gram_matrix(per_task), "reference")
+        np.testing.assert_allclose(w, w_ref, atol=1e-4)
+    else:
+        w_ref, _ = weights_from_values("kpi", jnp.stack([metrics["stargan/kpi"],
+                                       metrics["aggan/kpi"]]), setup.alpha, state.strategy_state)
+        np.testing.assert_allclose(w, w_ref, rtol=1e-5)
+    ref = jax.jit(jax.grad(lambda p, d: jnp.dot(w, naive(p, d)), argnums=(0, 1)))(
+        state.params, state.delta_p)
+    _close(grads["params"], ref[0])
+    _close(grads["delta_p"], ref[1])
+
+
+@pytest.mark.parametrize("strategy", ["equal", "prior", "dtp", "hmm", "mgda"])
+def test_each_strategy_steps(faces, strategy):
+    setup, state, frozen = _setup(strategy=strategy, targets=("stargan", "fpgan"))
+    step = train.make_train_step(setup)
+    for i in range(2):
+        state, m = step(state, _batch(faces, (2 * i, 2 * i + 1)), frozen)
+    lam = np.array([m["stargan/lambda"], m["fpgan/lambda"]])
+    assert np.all(np.isfinite(list(m.values())))
+    if strategy == "equal":
+        np.testing.assert_array_equal(lam, [1, 1])
+    elif strategy == "prior":
+        np.testing.assert_array_equal(lam, [1, 1])   # reference alphas of stargan and fpgan
+    elif strategy == "hmm":
+        assert sorted(lam) == [0, 1]
+        hard = int(np.argmin([m["stargan/kpi"], m["fpgan/kpi"]]))
+        assert lam[hard] == 1
+    elif strategy == "mgda":
+        assert abs(lam.sum() - 1) < 1e-5 and np.all(lam >= 0)
+    elif strategy == "dtp":
+        assert np.all(lam > 0)
+        assert np.all(np.asarray(state.strategy_state["kpi_ema"]) > 0)
+    assert int(state.step) == 2
+
+
+def test_mgda_variants_step(faces):
+    """MGDA-UB (gradients w.r.t. the generated images) and the exact solver run and give
+    simplex weights."""
+    setup, state, frozen = _setup(strategy="mgda", mgda_gradients="perturbation",
+                                  mgda_solver="exact", targets=("stargan", "fpgan"))
+    state, m = train.make_train_step(setup)(state, _batch(faces), frozen)
+    lam = np.array([m["stargan/lambda"], m["fpgan/lambda"]])
+    assert abs(lam.sum() - 1) < 1e-5 and np.all(lam >= 0)
+
+
+def test_step_is_traced_once(faces):
+    setup, state, frozen = _setup(targets=("stargan",))
+    @chex.assert_max_traces(n=1)
+    def step_fn(state, batch, frozen):
+        return train.train_step(setup, state, batch, frozen)
+
+    step = jax.jit(step_fn, donate_argnums=(0,))
+    for i in range(3):   # new batches, new step counter (condition index), same program
+        state, _ = step(state, _batch(faces, (i, i + 5)), frozen)
+    assert int(state.step) == 3
+
+
+def test_conditions_follow_the_reference():
+    labels = jnp.array([[1, 0, 0, 1, 0], [0, 0, 1, 0, 1]], jnp.float32)
+    c = np.asarray(targets.stargan_conditions(labels))
+    assert c.shape == (5, 2, 5)
+    np.testing.assert_array_equal(c[0], [[1, 0, 0, 1, 0], [1, 0, 0, 0, 1]])  # black hair
+    np.testing.assert_array_equal(c[1], [[0, 1, 0, 1, 0], [0, 1, 0, 0, 1]])  # blond hair
+    np.testing.assert_array_equal(c[2], [[0, 0, 1, 1, 0], [0, 0, 1, 0, 1]])  # brown hair
+    np.testing.assert_array_equal(c[3], [[1, 0, 0, 0, 0], [0, 0, 1, 1, 1]])  # flip male
+    np.testing.assert_array_equal(c[4], [[1, 0, 0, 1, 1], [0, 0, 1, 0, 0]])  # flip young
+
+
+def test_condition_is_step_mod_count(faces):
+    """Step s uses condition s mod 5; the all-conditions option averages over the five."""
+    setup, state, frozen = _setup(targets=("stargan",))
+    batch = _batch(faces)
+    grads = jax.jit(functools.partial(train.compute_gradients, setup))
+    per_cond = []
+    for s in range(5):
+        m = grads(state.replace(step=jnp.asarray(s + 5, jnp.int32)), batch, frozen)[4]
+        per_cond.append(float(m["stargan/loss"]))
+        naive = _naive_losses(setup, state.replace(step=jnp.asarray(s, jnp.int32)), batch, frozen,
+                              state.params, state.delta_p)
+        np.testing.assert_allclose(per_cond[-1], naive[0], rtol=1e-5)
+    assert len(set(np.round(per_cond, 6))) > 1
+    setup_all = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, all_conditions=True))
+    m = jax.jit(functools.partial(train.compute_gradients, setup_all))(state, batch, frozen)[4]
+    np.testing.assert_allclose(float(m["stargan/loss"]), np.mean(per_cond), rtol=1e-5)
+
+
+def test_bfloat16_step_runs(faces):
+    setup, state, frozen = _setup(dtype="bfloat16", targets=("stargan",))
+    state, m = train.make_train_step(setup)(state, _batch(faces), frozen)
+    assert np.isfinite(float(m["objective"]))
+    assert state.params["model0_1"]["kernel"].dtype == jnp.float32   # float32 master weights
+
+
+def test_short_run_raises_every_targets_disruption(faces):
+    """A few steps on the shared faces raise each target's loss L_k on held-out faces."""
+    setup, state, frozen = _setup(strategy="kpi", learning_rate=1e-2, batch_size=4, ngf=8,
+                                  targets=("stargan", "aggan", "fpgan"))
+    held_out = data.batch_at(faces, np.arange(28, 36))
+    evaluate = jax.jit(lambda st: train.compute_gradients(setup, st, held_out, frozen)[4])
+    before = evaluate(state)
+    step = train.make_train_step(setup)
+    sampler = data.BatchSampler(28, 4, seed=0)
+    for i in range(24):
+        state, _ = step(state, data.batch_at(faces, sampler.indices(i)), frozen)
+    after = evaluate(state)
+    for name in ("stargan", "aggan", "fpgan"):
+        assert float(after[f"{name}/loss"]) > float(before[f"{name}/loss"]) + 1e-3, name
