@@ -88,9 +88,9 @@ def paper(**overrides) -> TrainConfig:
 def demo(**overrides) -> TrainConfig:
     """A CPU demo of a few minutes: 64 px, batch 4, 3 small RANDOM StarGAN-family targets,
     a small random stand-in identity network. Not the paper's numbers."""
-    base = dict(image_size=64, batch_size=4, num_steps=30, ngf=16, n_blocks=2,
+    base = dict(image_size=64, batch_size=4, num_steps=120, ngf=16, n_blocks=2,
                 target_config=(("conv_dim", 16), ("repeat_num", 3)), identity="standin",
-                identity_config=(("width", 8),), checkpoint_every=10, log_every=1)
+                identity_config=(("width", 8),), checkpoint_every=40, log_every=1)
     return TrainConfig(**{**base, **overrides})
 
 

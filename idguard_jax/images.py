@@ -26,11 +26,14 @@ def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
     if n_in == 1 or n_out == 1:
         m[:, 0] = 1.0
         return m
-    pos = np.arange(n_out, dtype=np.float64) * (n_in - 1) / (n_out - 1)
-    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 2)
-    frac = (pos - lo).astype(np.float32)
+    # Source positions in float32 arithmetic, as torch computes them for float32 images.
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1)
+    pos = scale * np.arange(n_out, dtype=np.float32)
+    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    frac = (pos - lo.astype(np.float32)).astype(np.float32)
+    hi = np.minimum(lo + 1, n_in - 1)
     m[np.arange(n_out), lo] = 1.0 - frac
-    m[np.arange(n_out), lo + 1] += frac
+    m[np.arange(n_out), hi] += frac
     return m
 
 

@@ -1,0 +1,144 @@
+"""Train ID-Guard's perturbation generator.
+
+    python experiments/train.py --config=demo                 # a few CPU minutes, random targets
+    python experiments/train.py --strategy=kpi --weights weights/ --data FACES_DIR --prior PRIOR
+
+The paper's configuration (the default) needs converted target weights (convert/convert.py) and
+face images; it says exactly what is missing. `--config=demo` runs on any machine with small
+RANDOMLY initialised targets: it shows the machinery working, not the paper's numbers.
+Output: one JSON line of metrics per step (stdout and WORKDIR/metrics.jsonl), checkpoints in
+WORKDIR/checkpoints (continue with --resume), the trained generator in WORKDIR/generator.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from idguard_jax.strategies import STRATEGIES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=("paper", "demo"), default="paper",
+                   help="paper: 256 px, batch 32, the official targets; demo: 64 px CPU demo")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="task weighting (default kpi = the paper's S-II)")
+    p.add_argument("--data", default=None, help="folder of aligned face images "
+                   f"(demo default: {DEMO_FACES})")
+    p.add_argument("--weights", default=None,
+                   help="folder of converted target weights (convert/convert.py MODEL CKPT DIR)")
+    p.add_argument("--prior", default=None,
+                   help="gradient prior bundle from experiments/prior.py (default: zeros)")
+    p.add_argument("--workdir", default=None, help="run folder (default runs/CONFIG-STRATEGY)")
+    p.add_argument("--steps", type=int, default=None, help="number of steps (default: the config's)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any TrainConfig field, e.g. --set batch_size=8 --set dtype=bfloat16")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from idguard_jax import config as config_lib
+
+    try:
+        cfg = config_lib.demo() if args.config == "demo" else config_lib.paper()
+        if args.strategy:
+            cfg = dataclasses.replace(cfg, strategy=args.strategy)
+        if args.steps is not None:
+            cfg = dataclasses.replace(cfg, num_steps=args.steps)
+        cfg = config_lib.apply_overrides(cfg, args.set)
+    except ValueError as e:
+        return _fail(str(e))
+
+    data_dir = args.data or (DEMO_FACES if args.config == "demo" else None)
+    problems = []
+    if data_dir is None:
+        problems.append("--data: give a folder of aligned face images (CelebA-HQ-like, any size; "
+                        "they are resized to the configured image_size)")
+    elif not os.path.isdir(data_dir):
+        problems.append(f"--data {data_dir}: no such folder")
+    if args.config == "paper":
+        if args.weights is None:
+            problems.append("--weights: give the folder of converted targets; convert each "
+                            "official checkpoint once with: " + "; ".join(
+                                f"python convert/convert.py {t} CHECKPOINT weights/"
+                                for t in cfg.targets))
+        else:
+            missing = [t for t in cfg.targets if not os.path.isdir(os.path.join(args.weights, t))]
+            for t in missing:
+                problems.append(f"--weights {args.weights}: no converted {t!r}; run: python "
+                                f"convert/convert.py {t} CHECKPOINT {args.weights}")
+    if args.prior is not None and not os.path.isdir(args.prior):
+        problems.append(f"--prior {args.prior}: no such bundle folder (make one with "
+                        "python experiments/prior.py)")
+    if problems:
+        print("Cannot start training; missing:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from idguard_jax import data as data_lib
+    from idguard_jax import identity, targets, train
+    from idguard_jax.runner import fit
+
+    workdir = args.workdir or os.path.join("runs", f"{args.config}-{cfg.strategy}")
+    if args.config == "demo":
+        print("DEMO: small randomly initialised targets and identity network, stand-in masks; "
+              "this shows the training machinery, not the paper's results.", file=sys.stderr)
+    try:
+        faces = data_lib.demo_dataset(data_dir, cfg.image_size, seed=cfg.seed)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    for note in faces.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if len(faces) < cfg.batch_size:
+        return _fail(f"--data {data_dir}: {len(faces)} images, fewer than one batch of "
+                     f"{cfg.batch_size} (lower it with --set batch_size=N)")
+
+    setup = train.create_setup(cfg)
+    if args.config == "demo":
+        frozen = train.init_frozen_random(setup, jax.random.key(cfg.seed + 1))
+    else:
+        tvars = {}
+        for name in cfg.targets:
+            _, tvars[name] = targets.load(name, args.weights)
+        print(f"note: identity network {cfg.identity!r} is a random stand-in until ArcFace/VGGFace "
+              "are ported (issue 4)", file=sys.stderr)
+        _, ivars = identity.init_random(cfg.identity, jax.random.key(cfg.seed + 1),
+                                        **dict(cfg.identity_config))
+        frozen = {"targets": tvars, "identity": ivars}
+
+    delta_p = None
+    if args.prior:
+        from idguard_jax.prior import load_prior
+        delta_p = load_prior(args.prior, cfg.image_size)
+    else:
+        print("note: no --prior: delta_p starts at zero (the paper starts from a PGD prior made "
+              "by experiments/prior.py)", file=sys.stderr)
+
+    try:
+        fit(cfg, faces, frozen, workdir, resume=args.resume, delta_p=delta_p)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""`python -m idguard_jax.summary`: one line per network, `NAME PARAMS`, at the official sizes.
+
+Counted from `jax.eval_shape` (shapes only, nothing allocated): trainable parameters, not
+BatchNorm running statistics. Later ports register here through idguard_jax.targets/identity.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import jax
+
+from idguard_jax import targets
+from idguard_jax.generator import GeneratorConfig, init_generator
+
+
+def count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def network_sizes() -> dict[str, int]:
+    """{name: parameter count} for the generator and every registered target."""
+    gen = jax.eval_shape(lambda k: init_generator(k, GeneratorConfig()), jax.random.key(0))
+    sizes = {"generator": count(gen["params"])}
+    for name in targets.TARGETS:
+        sizes[name] = count(targets.abstract_variables(name, 256)["params"])
+    return sizes
+
+
+def main() -> int:
+    for name, n in network_sizes().items():
+        print(f"{name} {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
