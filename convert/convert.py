@@ -21,40 +21,34 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 
 from convert.torch_io import (ConversionError, load_torch_file, state_dict_to_numpy,
                               tensor_to_numpy, to_flax)
 from idguard_jax.checkpoint import save_bundle
 from idguard_jax.generator import GeneratorConfig, fit_delta_p, init_generator, save_generator
-from ports.stargan import StarGANFamilyGenerator
+from idguard_jax import targets
 
-__all__ = ["main", "convert_target", "convert_generator", "TARGETS", "KNOWN_MODELS"]
+__all__ = ["main", "convert_target", "convert_generator", "Converter", "TARGETS", "KNOWN_MODELS"]
 
 
 @dataclasses.dataclass(frozen=True)
-class TargetSpec:
-    """How one network converts: its configuration (stored in the bundle's meta), its abstract
-    variables for (config, image_size), and the torch keys it drops (regexes)."""
-    config: dict
-    abstract_variables: Callable[[dict, int], dict]
+class Converter:
+    """How one network's official file converts. Its architecture (configuration and abstract
+    variables) comes from the library's registry (idguard_jax.targets); this adds what only the
+    file format needs: the torch keys to drop (regexes) and how to pick the state_dict out of
+    what the file holds (e.g. HiSD's `gen_test` entry)."""
     ignore: tuple[str, ...] = ()
+    extract: Callable[[object, str], object] = lambda obj, path: obj
     kind: str = "target"
-
-
-def _stargan_family_variables(config: dict, image_size: int) -> dict:
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    c = jax.ShapeDtypeStruct((1, config["c_dim"]), jnp.float32)
-    return jax.eval_shape(StarGANFamilyGenerator(**config).init, jax.random.key(0), x, c)
 
 
 # The family's InstanceNorms store running buffers that train-mode IN never reads (targets.md 10.1).
 _IN_RUNNING_STATS = (r"\.running_(mean|var)$",)
 
-TARGETS: dict[str, TargetSpec] = {
-    variant: TargetSpec(dict(conv_dim=64, c_dim=5, repeat_num=6, variant=variant),
-                        _stargan_family_variables, _IN_RUNNING_STATS)
-    for variant in ("stargan", "aggan", "fpgan")
+TARGETS: dict[str, Converter] = {
+    "stargan": Converter(_IN_RUNNING_STATS),
+    "aggan": Converter(_IN_RUNNING_STATS),
+    "fpgan": Converter(_IN_RUNNING_STATS),
 }
 GENERATOR = "generator"
 KNOWN_MODELS = tuple(sorted([*TARGETS, GENERATOR]))
@@ -81,13 +75,15 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
 def convert_target(model: str, checkpoint: str, out_dir: str, overwrite: bool = False,
                    image_size: int = 256) -> str:
     """Convert a target network's state_dict file to the bundle OUT_DIR/MODEL; returns its path."""
-    spec = TARGETS[model]
+    conv = TARGETS[model]
     out = os.path.join(out_dir, model)
     _refuse_existing(out, overwrite)
-    state_dict = state_dict_to_numpy(load_torch_file(checkpoint), checkpoint)
-    variables = to_flax(state_dict, spec.abstract_variables(spec.config, image_size), spec.ignore,
-                        source=checkpoint)
-    meta = {"kind": spec.kind, "model": model, "config": spec.config,
+    config = dict(targets.TARGETS[model].default_config)
+    state_dict = state_dict_to_numpy(conv.extract(load_torch_file(checkpoint), checkpoint),
+                                     checkpoint)
+    variables = to_flax(state_dict, targets.abstract_variables(model, image_size, config),
+                        conv.ignore, source=checkpoint)
+    meta = {"kind": conv.kind, "model": model, "config": config,
             "source": os.path.basename(checkpoint), "sha256": _sha256(checkpoint)}
     return save_bundle(out, variables, meta, overwrite=overwrite)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from convert.convert import main as convert_main
+from idguard_jax import targets
 from idguard_jax.checkpoint import load_bundle
 from ports.stargan import AttentionGAN, FixedPointGAN, StarGAN, StarGANFamilyGenerator
 from torch_reference import assert_matches, randomize_norms_
@@ -57,8 +58,9 @@ def test_converted_generator_matches_torch(variant, tmp_path):
         want_image = manipulate(reference, x, c)
         want_mid = reference.mid_features(x, c)
 
-    module = StarGANFamilyGenerator(**meta["config"])
-    image, mid = jax.jit(module.apply)(variables, x.permute(0, 2, 3, 1).numpy(), c.numpy())
+    # through the library's loader, as training loads it
+    target, variables = targets.load(variant, tmp_path / "out")
+    image, mid = jax.jit(target.forward)(variables, x.permute(0, 2, 3, 1).numpy(), c.numpy())
     assert_matches(image, want_image, f"{variant} image")
     assert_matches(mid, want_mid, f"{variant} mid features")
     assert mid.shape == (2, IMAGE_SIZE // 4, IMAGE_SIZE // 4, 256)
