@@ -4,7 +4,10 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces"))
+# ../shared/data/faces beside the checkout (as on developer machines and in CI); IDGUARD_FACES
+# names another copy of the same folder.
+SHARED_FACES = os.environ.get("IDGUARD_FACES") or os.path.normpath(
+    os.path.join(REPO, "..", "shared", "data", "faces"))
 
 
 @pytest.fixture(scope="session")

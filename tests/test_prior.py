@@ -1,7 +1,7 @@
 """Gradient prior perturbation: surrogate training, PGD, averaging, bundles and the CLI.
 
 Runs at 32 px with a 4-channel, 2-level surrogate on the shared CelebA-HQ faces (read in place
-from ../shared/data/faces/celebahq, or $IDGUARD_FACES; never copied into the repository).
+from ../shared/data/faces/celebahq (tests/conftest.py); never copied into the repository).
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from idguard_jax.data import load_folder
 from idguard_jax.images import resize_align_corners, to_float
 from ports.layers import clamp
 
+from conftest import SHARED_FACES
+
 REPO = Path(__file__).resolve().parents[1]
-FACES = Path(os.environ.get("IDGUARD_FACES", REPO.parent / "shared" / "data" / "faces" / "celebahq"))
+FACES = Path(SHARED_FACES) / "celebahq"
 CLI = REPO / "experiments" / "prior.py"
 
 SIZE, WIDTH, DEPTH = 32, 4, 2
@@ -35,7 +37,7 @@ EPS, STEPS, STEP = 0.05, 10, 0.01
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
     if not FACES.is_dir():
-        pytest.fail(f"{FACES}: shared test faces not found (set IDGUARD_FACES)")
+        pytest.fail(f"{FACES}: the shared test faces are missing (expected beside the repo)")
     images, _ = load_folder(FACES, SIZE)
     assert images.shape == (36, SIZE, SIZE, 3)
     return images
