@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         print("DEMO: small randomly initialised targets and identity network, stand-in masks; "
               "this shows the training machinery, not the paper's results.", file=sys.stderr)
     try:
-        faces = data_lib.demo_dataset(data_dir, cfg.image_size, seed=cfg.seed)
+        faces = data_lib.folder_dataset(data_dir, cfg.image_size, seed=cfg.seed)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     for note in faces.notes:

@@ -1,13 +1,16 @@
 """Datasets as arrays. (Issue 5 brings CelebAMask-HQ, alignment and the memory-mapped cache.)"""
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 
 import numpy as np
 
-from idguard_jax.images import list_images, read_rgb
+from idguard_jax.images import IMAGE_SUFFIXES, list_images, read_rgb
 
-__all__ = ["load_folder", "central_face_mask"]
+__all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "BatchSampler",
+           "batch_at"]
 
 
 def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
@@ -15,8 +18,6 @@ def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) 
 
     Unreadable files are skipped with a warning naming them; an empty result is an error.
     """
-    import warnings
-
     paths = list_images(folder)
     if limit is not None:
         paths = paths[:limit]
@@ -28,7 +29,7 @@ def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) 
         except ValueError as e:
             warnings.warn(str(e), stacklevel=2)
     if not images:
-        raise FileNotFoundError(f"{folder}: no readable images ({', '.join(s for s in ('.png', '.jpg', '.jpeg', '.webp'))})")
+        raise FileNotFoundError(f"{folder}: no readable images (looked for {', '.join(IMAGE_SUFFIXES)})")
     return np.stack(images), kept
 
 
@@ -39,9 +40,6 @@ def central_face_mask(size: int) -> np.ndarray:
     m = np.zeros((size, size, 1), np.float32)
     m[int(0.35 * size):int(0.85 * size), int(0.25 * size):int(0.75 * size)] = 1.0
     return m
-
-
-import dataclasses
 
 
 @dataclasses.dataclass
@@ -63,7 +61,7 @@ class FaceData:
         return len(self.images)
 
 
-def demo_dataset(folder, size: int, seed: int = 0, limit: int | None = None) -> FaceData:
+def folder_dataset(folder, size: int, seed: int = 0, limit: int | None = None) -> FaceData:
     """A folder of aligned faces with STAND-IN annotations: central-box masks, uniform heatmaps
     and random attribute labels (seeded). Enough to exercise training; not the paper's data."""
     images, paths = load_folder(folder, size, limit)

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from idguard_jax.data import BatchSampler
 from idguard_jax.images import to_float
 from ports.layers import clamp, conv2d, conv_transpose2d
 
@@ -147,20 +148,6 @@ def _train_step(model: SurrogateAutoencoder, tx: optax.GradientTransformation, p
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def _batch_indices(n: int, batch_size: int, rng: np.random.Generator):
-    """Endless batches of indices: consecutive slices of fresh permutations (epochs)."""
-    order, pos = rng.permutation(n), 0
-    while True:
-        idx = []
-        while len(idx) < batch_size:
-            take = min(batch_size - len(idx), n - pos)
-            idx.extend(order[pos:pos + take])
-            pos += take
-            if pos == n:
-                order, pos = rng.permutation(n), 0
-        yield np.asarray(idx)
-
-
 def train_surrogate(images_u8: np.ndarray, *, steps: int, batch_size: int = 32,
                     learning_rate: float = 1e-3, seed: int = 0, width: int = 32, depth: int = 4,
                     log_every: int = 100,
@@ -193,11 +180,11 @@ def train_surrogate(images_u8: np.ndarray, *, steps: int, batch_size: int = 32,
     params = variables["params"]
     opt_state = tx.init(params)
     step_fn = jax.jit(functools.partial(_train_step, model, tx), donate_argnums=(0, 1))
-    batches = _batch_indices(n, batch_size, np.random.default_rng([seed, 1]))
+    sampler = BatchSampler(n, min(batch_size, n), seed)
     t0 = t_last = time.perf_counter()
     loss_sum, loss_count = None, 0
     for step in range(1, steps + 1):
-        batch = jnp.asarray(images_u8[next(batches)])
+        batch = jnp.asarray(images_u8[sampler.indices(step - 1)])
         params, opt_state, loss = step_fn(params, opt_state, batch)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         loss_count += 1

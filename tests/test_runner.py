@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def small_faces(shared_faces_dir):
-    return data.demo_dataset(shared_faces_dir, 32, seed=0, limit=8)
+    return data.folder_dataset(shared_faces_dir, 32, seed=0, limit=8)
 
 
 def _run(cfg, faces, workdir, **kw):
@@ -91,7 +91,7 @@ MULTI_DEVICE = textwrap.dedent("""
     state0 = train.init_state(setup, jax.random.key(0),
                               delta_p=0.03 * jax.random.normal(jax.random.key(2), (32, 32, 3)))
     frozen = train.init_frozen_random(setup, jax.random.key(1))
-    faces = data.demo_dataset(FACES, 32, limit=8)
+    faces = data.folder_dataset(FACES, 32, limit=8)
     grads, states, metrics = [], [], []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = data_mesh(devices)

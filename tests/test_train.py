@@ -20,7 +20,7 @@ from idguard_jax.strategies import weights_from_values
 
 @pytest.fixture(scope="module")
 def faces(shared_faces_dir):
-    return data.demo_dataset(shared_faces_dir, 32, seed=0)
+    return data.folder_dataset(shared_faces_dir, 32, seed=0)
 
 
 def _setup(**kw):
