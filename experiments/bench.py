@@ -117,6 +117,20 @@ def bench_protect(image_size: int, ngf: int, n_blocks: int, batch: int, repeats:
             "batch_s": round(t, 5), "images_per_s": round(batch / t, 1)}
 
 
+def bench_loader(cache: str, batch: int, steps: int) -> dict:
+    """Images/s the prefetching loader delivers from a cache (host arrays, no device copy)."""
+    from idguard_jax.cache import open_cache, prefetch
+    from idguard_jax.data import BatchSampler
+
+    data = open_cache(cache)
+    sampler = BatchSampler(len(data), min(batch, len(data)), seed=0)
+    t = time.perf_counter()
+    n = sum(len(b["image"]) for b in prefetch(data, sampler, 0, steps))
+    dt = time.perf_counter() - t
+    return {"bench": "loader", "cache": cache, "image_size": int(data.images.shape[1]),
+            "batch_size": sampler.batch_size, "images_per_s": round(n / dt, 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="train-step and protection benchmarks")
     p.add_argument("--tiny", action="store_true", help="CPU-sized: demo widths at 64 px, batch 4")
@@ -128,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--protect-batches", default="32,256")
+    p.add_argument("--loader", default=None, metavar="CACHE",
+                   help="also time the data loader on this cache (experiments/prepare.py)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     args = p.parse_args(argv)
 
@@ -153,6 +169,10 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
     for b in (int(x) for x in args.protect_batches.split(",") if x):
         r = bench_protect(base.image_size, base.ngf, base.n_blocks, b, args.repeats)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if args.loader:
+        r = bench_loader(args.loader, base.batch_size, 200)
         results.append(r)
         print(json.dumps(r), flush=True)
     if args.json:

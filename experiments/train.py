@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="paper: 256 px, batch 32, the official targets; demo: 64 px CPU demo")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="task weighting (default kpi = the paper's S-II)")
-    p.add_argument("--data", default=None, help="folder of aligned face images "
-                   f"(demo default: {DEMO_FACES})")
+    p.add_argument("--data", default=None, help="a cache from experiments/prepare.py, or a "
+                   "folder of aligned face images (stand-in masks and labels; demo default: "
+                   f"{DEMO_FACES})")
     p.add_argument("--weights", default=None,
                    help="folder of converted target weights (convert/convert.py MODEL CKPT DIR)")
     p.add_argument("--prior", default=None,
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
 
     from idguard_jax import data as data_lib
     from idguard_jax import identity, targets, train
+    from idguard_jax.cache import open_cache
     from idguard_jax.runner import fit
 
     workdir = args.workdir or os.path.join("runs", f"{args.config}-{cfg.strategy}")
@@ -103,7 +105,13 @@ def main(argv=None) -> int:
         print("DEMO: small randomly initialised targets and identity network, stand-in masks; "
               "this shows the training machinery, not the paper's results.", file=sys.stderr)
     try:
-        faces = data_lib.folder_dataset(data_dir, cfg.image_size, seed=cfg.seed)
+        if os.path.exists(os.path.join(data_dir, "meta.json")):   # a cache from prepare.py
+            faces = open_cache(data_dir)
+            if faces.images.shape[1] != cfg.image_size:
+                return _fail(f"--data {data_dir}: cached at {faces.images.shape[1]} px, the "
+                             f"config trains at {cfg.image_size} px")
+        else:
+            faces = data_lib.folder_dataset(data_dir, cfg.image_size, seed=cfg.seed)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     for note in faces.notes:

@@ -56,9 +56,10 @@ class FaceData:
     labels: np.ndarray
     names: list[str]
     notes: tuple[str, ...] = ()
+    rows: np.ndarray | None = None   # the usable rows of the arrays (a cache's done rows); None = all
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.rows is None else len(self.rows)
 
 
 def folder_dataset(folder, size: int, seed: int = 0, limit: int | None = None) -> FaceData:
@@ -91,7 +92,9 @@ class BatchSampler:
 
 
 def batch_at(data: FaceData, idx: np.ndarray) -> dict:
-    """The batch dict the train step takes (host numpy arrays)."""
+    """The batch dict the train step takes (host numpy arrays); idx are positions < len(data)."""
+    if data.rows is not None:
+        idx = data.rows[idx]
     if data.heatmaps is None:
         heat = np.ones((len(idx),) + data.masks.shape[1:], np.float32)
     else:

@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from idguard_jax.checkpoint import RunCheckpointer
 from idguard_jax.config import TrainConfig
-from idguard_jax.data import BatchSampler, FaceData, batch_at
+from idguard_jax.cache import prefetch
+from idguard_jax.data import BatchSampler, FaceData
 from idguard_jax.generator import save_generator
 from idguard_jax.progress import Progress
 from idguard_jax.train import TrainState, create_setup, init_state, make_train_step
@@ -91,8 +92,8 @@ def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume:
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     with open(metrics_path, "a") as mfile:
         t_last = time.perf_counter()
-        for step in range(start, total):
-            batch = shard_batch(mesh, batch_at(data, sampler.indices(step)))
+        batches = prefetch(data, sampler, start, total, put=lambda b: shard_batch(mesh, b))
+        for step, batch in zip(range(start, total), batches):
             state, metrics = step_fn(state, batch, frozen)
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
