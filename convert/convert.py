@@ -1,11 +1,19 @@
 """Convert an official PyTorch checkpoint into a bundle the library loads (no torch needed there).
 
     python convert/convert.py MODEL CHECKPOINT OUT_DIR [--overwrite] [--image-size N] [--prior FILE]
+                              [--config FILE]
 
-MODEL is a target network (stargan, aggan, fpgan: `200000-G.ckpt`, a plain state_dict) or
+MODEL is a target network (stargan, aggan, fpgan: `200000-G.ckpt`, a plain state_dict; relgan:
+`G_15000_sn_wb.pth`, or upstream's {'G': ..., 'D': ...} training file; hisd: `gen_00600000.pt`,
+its EMA generator `gen_test`, with the architecture of HiSD's YAML --config, default
+celeba-hq_256) or
 `generator` (ID-Guard's `AdvG.pth`, with the prior perturbation `optimized_pri_pert.pt` read from
-beside it unless --prior names it). The bundle is written to OUT_DIR/MODEL. Checkpoints are read
-with torch's weights_only loader, so a file carrying pickled code is refused, never run.
+beside it unless --prior names it) or an identity network (plain state_dicts: arcface
+`arcface_ir_se50.pth`, irse50 `model_ir_se50.pth`, iresnet50 / iresnet100 `backbone.pth`,
+vggface `vggface-9d491dd7c30312.pth`) or `dlib` (`dlib_face_recognition_resnet_model_v1.dat`,
+read by idguard_jax.dlib_face, no dlib or torch). The bundle is written to OUT_DIR/MODEL.
+Checkpoints are read with torch's weights_only loader, so a file carrying pickled code is
+refused, never run.
 Exit codes: 0 done, 2 refused (one line on stderr names the file or option and the problem).
 """
 from __future__ import annotations
@@ -22,13 +30,16 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 
 import jax
 
-from convert.torch_io import (ConversionError, load_torch_file, state_dict_to_numpy,
-                              tensor_to_numpy, to_flax)
+from convert.torch_io import (ConversionError, checkpoint_entry, load_torch_file,
+                              state_dict_to_numpy, tensor_to_numpy, to_flax)
 from idguard_jax.checkpoint import save_bundle
-from idguard_jax.generator import GeneratorConfig, fit_delta_p, init_generator, save_generator
-from idguard_jax import targets
+from idguard_jax.generator import GeneratorConfig, abstract_generator, fit_delta_p, save_generator
+from idguard_jax import dlib_face, identity, targets
+from idguard_jax import hisd_target
+from ports.hisd import config_from_hyperparameters
 
-__all__ = ["main", "convert_target", "convert_generator", "Converter", "TARGETS", "KNOWN_MODELS"]
+__all__ = ["main", "convert_target", "convert_generator", "convert_identity", "convert_dlib",
+           "Converter", "TARGETS", "KNOWN_MODELS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +51,62 @@ class Converter:
     ignore: tuple[str, ...] = ()
     extract: Callable[[object, str], object] = lambda obj, path: obj
     kind: str = "target"
+    # variable collections the library adds at load time (targets.TargetSpec.load_data)
+    data_collections: tuple[str, ...] = ()
+    # --config FILE: (file, default configuration) -> the configuration; None: no --config
+    read_config: Callable[[str, dict], dict] | None = None
 
 
 # The family's InstanceNorms store running buffers that train-mode IN never reads (targets.md 10.1).
 _IN_RUNNING_STATS = (r"\.running_(mean|var)$",)
 
+
+def _relgan_generator(obj: object, path: str) -> object:
+    """G's state_dict from a RelGAN file: ID-Guard's `G_15000_sn_wb.pth` is that plain state_dict;
+    upstream's GAN.save writes {'G', 'D', 'optimG', 'optimD'}, of which only 'G' is wanted."""
+    # Every G key is dotted ('conv_in.0.weight'); the tensors are checked by state_dict_to_numpy.
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and "." in k for k in obj):
+        return obj
+    return checkpoint_entry(obj, "G", path, "RelGAN's generator state_dict (as "
+                            "G_15000_sn_wb.pth) or an upstream training file")
+
+
+def _hisd_config(path: str, default: dict) -> dict:
+    """The target configuration from HiSD's YAML (e.g. configs/celeba-hq_256.yaml): its
+    architecture and new_size replace the defaults; the conditions are checked against it."""
+    try:
+        import yaml  # only --config needs PyYAML (the `convert` extra installs it)
+    except ImportError as e:
+        raise ConversionError(f"{path}: reading HiSD's YAML config needs PyYAML "
+                              "(pip install -e '.[convert]')") from e
+    try:
+        with open(path) as f:
+            config = {**default, **config_from_hyperparameters(yaml.safe_load(f))}
+        hisd_target.check_target_config(config)
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConversionError(f"{path}: {' '.join(str(e).split())}") from e
+    return config
+
+
 TARGETS: dict[str, Converter] = {
     "stargan": Converter(_IN_RUNNING_STATS),
     "aggan": Converter(_IN_RUNNING_STATS),
     "fpgan": Converter(_IN_RUNNING_STATS),
+    # eval-mode SwitchNorm reads its running statistics: nothing is dropped (targets.md 10.2)
+    "relgan": Converter(extract=_relgan_generator),
+    # the EMA generator, as every user of the checkpoint loads it (targets.md 5)
+    "hisd": Converter(
+        extract=lambda obj, path: checkpoint_entry(obj, "gen_test", path,
+                                                   "HiSD's training checkpoint (gen_*.pt)"),
+        data_collections=("references",), read_config=_hisd_config),
 }
+# Identity networks (idguard_jax.identity): plain state_dicts; eval-mode BatchNorm reads its
+# running statistics, so nothing is dropped.
+TARGETS.update({name: Converter(kind="identity")
+                for name in ("arcface", "irse50", "iresnet50", "iresnet100", "vggface")})
 GENERATOR = "generator"
-KNOWN_MODELS = tuple(sorted([*TARGETS, GENERATOR]))
+DLIB = "dlib"
+KNOWN_MODELS = tuple(sorted([*TARGETS, GENERATOR, DLIB]))
 PRIOR_FILE = "optimized_pri_pert.pt"
 
 
@@ -73,18 +128,58 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
 
 
 def convert_target(model: str, checkpoint: str, out_dir: str, overwrite: bool = False,
-                   image_size: int = 256) -> str:
-    """Convert a target network's state_dict file to the bundle OUT_DIR/MODEL; returns its path."""
+                   image_size: int = 256, config_file: str | None = None) -> str:
+    """Convert a target network's state_dict file to the bundle OUT_DIR/MODEL; returns its path.
+
+    config_file: the network's own configuration file, for converters that read one (--config).
+    """
     conv = TARGETS[model]
     out = os.path.join(out_dir, model)
     _refuse_existing(out, overwrite)
     config = dict(targets.TARGETS[model].default_config)
+    if config_file is not None:
+        config = conv.read_config(config_file, config)
     state_dict = state_dict_to_numpy(conv.extract(load_torch_file(checkpoint), checkpoint),
                                      checkpoint)
-    variables = to_flax(state_dict, targets.abstract_variables(model, image_size, config),
-                        conv.ignore, source=checkpoint)
+    abstract = {collection: tree for collection, tree
+                in targets.abstract_variables(model, image_size, config).items()
+                if collection not in conv.data_collections}
+    variables = to_flax(state_dict, abstract, conv.ignore, source=checkpoint)
     meta = {"kind": conv.kind, "model": model, "config": config,
             "source": os.path.basename(checkpoint), "sha256": _sha256(checkpoint)}
+    return save_bundle(out, variables, meta, overwrite=overwrite)
+
+
+def convert_identity(model: str, checkpoint: str, out_dir: str, overwrite: bool = False,
+                     config: dict | None = None) -> str:
+    """Convert an identity network's state_dict file to the bundle OUT_DIR/MODEL; returns its path.
+
+    config: architecture fields replacing the official ones (e.g. fewer blocks, for tests).
+    """
+    conv = TARGETS[model]
+    out = os.path.join(out_dir, model)
+    _refuse_existing(out, overwrite)
+    config = {**identity.IDENTITY_NETS[model].default_config, **(config or {})}
+    state_dict = state_dict_to_numpy(conv.extract(load_torch_file(checkpoint), checkpoint),
+                                     checkpoint)
+    variables = to_flax(state_dict, identity.abstract_variables(model, config), conv.ignore,
+                        source=checkpoint)
+    meta = {"kind": conv.kind, "model": model, "config": config,
+            "source": os.path.basename(checkpoint), "sha256": _sha256(checkpoint)}
+    return save_bundle(out, variables, meta, overwrite=overwrite)
+
+
+def convert_dlib(checkpoint: str, out_dir: str, overwrite: bool = False) -> str:
+    """Convert dlib's face recognition ResNet (.dat) to the bundle OUT_DIR/dlib; returns its
+    path. The reader (and its checks) live in idguard_jax.dlib_face."""
+    out = os.path.join(out_dir, DLIB)
+    _refuse_existing(out, overwrite)
+    try:
+        variables = dlib_face.read_dat(checkpoint)
+    except dlib_face.DatFormatError as e:
+        raise ConversionError(str(e)) from e
+    meta = {"kind": "identity", "model": DLIB, "source": os.path.basename(checkpoint),
+            "sha256": _sha256(checkpoint)}
     return save_bundle(out, variables, meta, overwrite=overwrite)
 
 
@@ -98,7 +193,7 @@ def convert_generator(checkpoint: str, out_dir: str, overwrite: bool = False,
         raise ConversionError(f"{prior}: prior perturbation not found (it is read from beside "
                               f"the checkpoint; name another file with --prior FILE)")
     cfg = GeneratorConfig(image_size=image_size)
-    abstract = jax.eval_shape(lambda key: init_generator(key, cfg), jax.random.key(0))
+    abstract = abstract_generator(cfg)
     state_dict = state_dict_to_numpy(load_torch_file(checkpoint), checkpoint)
     variables = to_flax(state_dict, abstract, source=checkpoint)
     try:
@@ -124,6 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", metavar="FILE",
                    help=f"generator only: the prior perturbation (default: {PRIOR_FILE} beside "
                         "CHECKPOINT)")
+    p.add_argument("--config", metavar="FILE",
+                   help="hisd only: HiSD's YAML configuration of the checkpoint (default: "
+                        "configs/celeba-hq_256.yaml's values)")
     return p
 
 
@@ -140,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         problem = f"--image-size {args.image_size}: must be a positive multiple of 4"
     elif args.prior is not None and args.model != GENERATOR:
         problem = f"--prior applies only to MODEL {GENERATOR!r}"
+    elif args.config is not None and (args.model not in TARGETS
+                                      or TARGETS[args.model].read_config is None):
+        problem = ("--config applies only to MODEL "
+                   + ", ".join(repr(m) for m, c in TARGETS.items() if c.read_config))
     if problem:
         print(f"convert: {problem}", file=sys.stderr)
         return 2
@@ -147,9 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.model == GENERATOR:
             path = convert_generator(args.checkpoint, args.out_dir, args.overwrite,
                                      args.image_size, args.prior)
+        elif args.model == DLIB:
+            path = convert_dlib(args.checkpoint, args.out_dir, args.overwrite)
+        elif TARGETS[args.model].kind == "identity":
+            path = convert_identity(args.model, args.checkpoint, args.out_dir, args.overwrite)
         else:
             path = convert_target(args.model, args.checkpoint, args.out_dir, args.overwrite,
-                                  args.image_size)
+                                  args.image_size, args.config)
     except (ConversionError, OSError) as e:  # OSError: an existing bundle, an unwritable OUT_DIR
         print(f"convert: {e}", file=sys.stderr)
         return 2

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from flax import traverse_util
 
-__all__ = ["ConversionError", "load_torch_file", "state_dict_to_numpy", "tensor_to_numpy",
-           "to_flax", "torch_key_to_flax"]
+__all__ = ["ConversionError", "load_torch_file", "checkpoint_entry", "state_dict_to_numpy",
+           "tensor_to_numpy", "to_flax", "torch_key_to_flax"]
 
 # Torch leaf name -> the Flax leaf names it may become, in order of preference.
 _LEAF_CANDIDATES = {
@@ -90,6 +90,17 @@ def _short_list(items: list[str]) -> str:
 def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     return (t.to(torch.float32) if t.is_floating_point() else t).numpy()
+
+
+def checkpoint_entry(obj, key: str, path: str | os.PathLike, what: str):
+    """obj[key] of a loaded checkpoint dict (e.g. HiSD's {'gen': ..., 'gen_test': ...}).
+
+    Raises ConversionError naming `path`, `what` was expected and what the file holds instead.
+    """
+    if isinstance(obj, Mapping) and key in obj:
+        return obj[key]
+    raise ConversionError(f"{os.fspath(path)}: expected {what} with a {key!r} entry, "
+                          f"found {_describe(obj)}")
 
 
 def tensor_to_numpy(obj, path: str | os.PathLike) -> np.ndarray:

@@ -153,6 +153,8 @@ def main(argv=None) -> int:
 
     base = config.demo() if args.tiny else config.paper()
     over = {"targets": tuple(args.targets.split(","))}
+    if base.identity == "auto":       # speed only: a random ArcFace-sized identity network
+        over["identity"] = "arcface"
     if args.batch_size:
         over["batch_size"] = args.batch_size
     if args.image_size:

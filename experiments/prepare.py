@@ -30,12 +30,27 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="train", choices=("train", "test", "all"),
                    help="celebamask-hq only: the reference's split (first 1000 rows = test)")
     p.add_argument("--size", type=int, default=256)
+    p.add_argument("--landmarks", action="store_true",
+                   help="also store dlib's 5 landmarks of each face (for --set identity=dlib)")
     args = p.parse_args(argv)
 
     from idguard_jax import celebamask
     from idguard_jax.cache import build_cache
     from idguard_jax.data import central_face_mask
     from idguard_jax.images import list_images, read_rgb
+
+    analyzer = None
+    if args.landmarks:
+        from idguard_jax.dlib_face import FaceAnalyzer
+        analyzer = FaceAnalyzer()
+
+    def landmarks_of(path):
+        """Unit-coordinate landmarks found at the file's own resolution (None: no face)."""
+        if analyzer is None:
+            return None
+        img = read_rgb(path)
+        pts = analyzer.largest_face(img)
+        return None if pts is None else pts / [img.shape[1], img.shape[0]]
 
     try:
         if args.dataset == "celebamask-hq":
@@ -45,18 +60,20 @@ def main(argv=None) -> int:
 
             def load(i):
                 image, mask = celebamask.load_record(args.root, records[i], args.size)
-                return image, mask, records[i].labels
+                path = os.path.join(args.root, celebamask.IMAGES, records[i].name)
+                return image, mask, records[i].labels, landmarks_of(path)
             meta = {"dataset": "celebamask-hq", "root": os.path.abspath(args.root),
-                    "split": args.split, "notes": []}
+                    "split": args.split, "notes": [], "landmarks": args.landmarks}
         else:
             paths = list_images(args.root)
             names = [os.path.relpath(q, args.root) for q in paths]
             box = central_face_mask(args.size).astype("uint8")
 
             def load(i):
-                return read_rgb(paths[i], args.size), box, [0.0] * 5
+                return read_rgb(paths[i], args.size), box, [0.0] * 5, landmarks_of(paths[i])
             meta = {"dataset": "aligned", "root": os.path.abspath(args.root),
-                    "notes": ["stand-in masks: central face box", "labels: all zero (none given)"]}
+                    "notes": ["stand-in masks: central face box", "labels: all zero (none given)"],
+                    "landmarks": args.landmarks}
         if not names:
             raise FileNotFoundError(f"{args.root}: no images found")
         counts = build_cache(args.cache, names, load, args.size, meta,

@@ -66,6 +66,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         return _fail(str(e))
 
+    if cfg.identity == "auto":
+        from idguard_jax.identity import default_loss_network
+        cfg = dataclasses.replace(cfg, identity=default_loss_network(args.weights))
+        if cfg.identity == "dlib":
+            print("note: no converted ArcFace in --weights: the identity loss uses dlib's face "
+                  "recognition network (cosine of its descriptors)", file=sys.stderr)
     data_dir = args.data or (DEMO_FACES if args.config == "demo" else None)
     problems = []
     if data_dir is None:
@@ -80,10 +86,12 @@ def main(argv=None) -> int:
                                 f"python convert/convert.py {t} CHECKPOINT weights/"
                                 for t in cfg.targets))
         else:
-            missing = [t for t in cfg.targets if not os.path.isdir(os.path.join(args.weights, t))]
-            for t in missing:
-                problems.append(f"--weights {args.weights}: no converted {t!r}; run: python "
-                                f"convert/convert.py {t} CHECKPOINT {args.weights}")
+            needed = list(cfg.targets) + ([cfg.identity] if cfg.identity not in
+                                          ("standin", "dlib") else [])
+            for t in needed:
+                if not os.path.isdir(os.path.join(args.weights, t)):
+                    problems.append(f"--weights {args.weights}: no converted {t!r}; run: python "
+                                    f"convert/convert.py {t} CHECKPOINT {args.weights}")
     if args.prior is not None and not os.path.isdir(args.prior):
         problems.append(f"--prior {args.prior}: no such bundle folder (make one with "
                         "python experiments/prior.py)")
@@ -105,13 +113,18 @@ def main(argv=None) -> int:
         print("DEMO: small randomly initialised targets and identity network, stand-in masks; "
               "this shows the training machinery, not the paper's results.", file=sys.stderr)
     try:
+        chip_based = identity.build(cfg.identity).chip_based
         if os.path.exists(os.path.join(data_dir, "meta.json")):   # a cache from prepare.py
             faces = open_cache(data_dir)
             if faces.images.shape[1] != cfg.image_size:
                 return _fail(f"--data {data_dir}: cached at {faces.images.shape[1]} px, the "
                              f"config trains at {cfg.image_size} px")
+            if chip_based and faces.landmarks is None:
+                return _fail(f"--data {data_dir}: identity {cfg.identity!r} needs landmarks; "
+                             "rebuild the cache with experiments/prepare.py --landmarks")
         else:
-            faces = data_lib.folder_dataset(data_dir, cfg.image_size, seed=cfg.seed)
+            faces = data_lib.folder_dataset(data_dir, cfg.image_size, seed=cfg.seed,
+                                            landmarks=chip_based)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     for note in faces.notes:
@@ -125,12 +138,18 @@ def main(argv=None) -> int:
         frozen = train.init_frozen_random(setup, jax.random.key(cfg.seed + 1))
     else:
         tvars = {}
-        for name in cfg.targets:
-            _, tvars[name] = targets.load(name, args.weights)
-        print(f"note: identity network {cfg.identity!r} is a random stand-in until ArcFace/VGGFace "
-              "are ported (issue 4)", file=sys.stderr)
-        _, ivars = identity.init_random(cfg.identity, jax.random.key(cfg.seed + 1),
-                                        **dict(cfg.identity_config))
+        try:
+            for name in cfg.targets:
+                _, tvars[name] = targets.load(name, args.weights)
+        except (FileNotFoundError, ValueError) as e:
+            return _fail(str(e))
+        if cfg.identity == "standin":
+            print("note: the identity network is a RANDOM stand-in (--set identity=arcface for "
+                  "the paper's)", file=sys.stderr)
+            _, ivars = identity.init_random(cfg.identity, jax.random.key(cfg.seed + 1),
+                                            **dict(cfg.identity_config))
+        else:
+            _, ivars = identity.load(cfg.identity, args.weights)
         frozen = {"targets": tvars, "identity": ivars}
 
     delta_p = None

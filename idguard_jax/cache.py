@@ -4,7 +4,11 @@
     CACHE/images.u8     (N, S, S, 3) uint8 faces
     CACHE/masks.u8      (N, S, S, 1) uint8 binary component masks
     CACHE/labels.f32    (N, 5) float32 StarGAN attributes
+    CACHE/landmarks.f32 (N, 5, 2) dlib 5-point landmarks in unit coordinates (with --landmarks)
     CACHE/status.u8     (N,) 0 = to do, 1 = done, 2 = failed (reasons in failed.json)
+    CACHE/heatmaps.f32  (N, S, S, 1) float32 Grad-CAM++ heatmaps, with heatmaps_done.u8 (N,)
+                        (experiments/heatmaps.py CACHE; float32 keeps them exact: 7.9 GB for
+                        30k faces at 256 px)
 
 `build_cache` fills it in one resumable pass (re-running skips what is done); `open_cache` gives a
 FaceData over the done rows without reading the arrays into memory.
@@ -22,14 +26,15 @@ import numpy as np
 from idguard_jax.data import BatchSampler, FaceData, batch_at
 from idguard_jax.progress import Progress
 
-__all__ = ["build_cache", "open_cache", "prefetch"]
+__all__ = ["build_cache", "open_cache", "write_heatmaps", "prefetch"]
 
 TODO, DONE, FAILED = 0, 1, 2
 
 
 def _arrays(cache: str, n: int, size: int, mode: str) -> dict[str, np.memmap]:
     shapes = {"images.u8": ((n, size, size, 3), np.uint8), "masks.u8": ((n, size, size, 1), np.uint8),
-              "labels.f32": ((n, 5), np.float32), "status.u8": ((n,), np.uint8)}
+              "labels.f32": ((n, 5), np.float32), "landmarks.f32": ((n, 5, 2), np.float32),
+              "status.u8": ((n,), np.uint8)}
     return {name: np.lib.format.open_memmap(os.path.join(cache, name + ".npy"), mode=mode,
                                             dtype=dt, shape=shape if mode == "w+" else None)
             for name, (shape, dt) in shapes.items()}
@@ -37,7 +42,8 @@ def _arrays(cache: str, n: int, size: int, mode: str) -> dict[str, np.memmap]:
 
 def build_cache(cache: str, names: Sequence[str], load: Callable[[int], tuple], size: int,
                 meta: dict, progress: bool = True, log=print) -> dict:
-    """Fill CACHE with `load(i) -> (image, mask, labels)` for every name not done yet.
+    """Fill CACHE with `load(i) -> (image, mask, labels, landmarks or None)` for every name not
+    done yet.
 
     A failing item (`load` raises) is recorded by name with its reason and the pass goes on.
     Refuses a cache that was built for another dataset/size/list. Returns the counts.
@@ -48,7 +54,7 @@ def build_cache(cache: str, names: Sequence[str], load: Callable[[int], tuple], 
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
-        keys = ("dataset", "size", "count", "names")
+        keys = ("dataset", "size", "count", "names", "landmarks")
         if any(old.get(k) != meta.get(k) for k in keys):
             raise FileExistsError(f"{cache}: holds a cache of another dataset, size or image "
                                   "list; choose another CACHE_DIR")
@@ -68,10 +74,11 @@ def build_cache(cache: str, names: Sequence[str], load: Callable[[int], tuple], 
     bar = Progress(len(names), "prepare", unit="img", start=len(names) - len(todo)) if progress else None
     for k, i in enumerate(todo):
         try:
-            image, mask, labels = load(int(i))
+            image, mask, labels, landmarks = load(int(i))
             arrays["images.u8"][i] = image
             arrays["masks.u8"][i] = mask
             arrays["labels.f32"][i] = labels
+            arrays["landmarks.f32"][i] = np.nan if landmarks is None else landmarks
             status[i] = DONE
             failed.pop(names[i], None)
         except (OSError, ValueError) as e:
@@ -102,13 +109,57 @@ def open_cache(cache: str) -> FaceData:
     with open(meta_path) as f:
         meta = json.load(f)
     arrays = {name: np.load(os.path.join(cache, name + ".npy"), mmap_mode="r")
-              for name in ("images.u8", "masks.u8", "labels.f32", "status.u8")}
+              for name in ("images.u8", "masks.u8", "labels.f32", "landmarks.f32", "status.u8")}
     rows = np.flatnonzero(np.asarray(arrays["status.u8"]) == DONE)
     if not len(rows):
         raise ValueError(f"{cache}: no finished images in the cache")
-    return FaceData(images=arrays["images.u8"], masks=arrays["masks.u8"], heatmaps=None,
+    heatmaps = None
+    hm_path, hm_done = (os.path.join(cache, n + ".npy") for n in ("heatmaps.f32", "heatmaps_done.u8"))
+    if os.path.exists(hm_done) and np.load(hm_done)[rows].all():
+        heatmaps = np.load(hm_path, mmap_mode="r")
+    landmarks = None
+    if meta.get("landmarks"):
+        # faces where none was detected (NaN) get the mean of the others, as folder_dataset does
+        landmarks = np.array(arrays["landmarks.f32"])
+        found = np.isfinite(landmarks).all(axis=(1, 2))
+        landmarks[~found] = landmarks[found & np.isin(np.arange(len(found)), rows)].mean(axis=0)
+    return FaceData(images=arrays["images.u8"], masks=arrays["masks.u8"], heatmaps=heatmaps,
                     labels=arrays["labels.f32"], names=[meta["names"][i] for i in rows],
-                    notes=tuple(meta.get("notes", ())), rows=rows)
+                    notes=tuple(meta.get("notes", ())), rows=rows, landmarks=landmarks)
+
+
+def write_heatmaps(cache: str, compute: Callable[[np.ndarray], np.ndarray], batch_size: int,
+                   progress: bool = True) -> tuple[int, int]:
+    """Heatmaps of every finished cache image that lacks one, `batch_size` at a time.
+
+    compute: uint8 (b, S, S, 3) -> (b, S, S, 1) in [0, 1]. A short last batch is filled with its
+    own images (one compiled shape; the same batch statistics for data-dependent inputs).
+    Resumable: done rows are marked in heatmaps_done.u8 after each batch. Returns (written, had).
+    """
+    status = np.load(os.path.join(cache, "status.u8.npy"))
+    images = np.load(os.path.join(cache, "images.u8.npy"), mmap_mode="r")
+    n, s = len(status), images.shape[1]
+    paths = [os.path.join(cache, name + ".npy") for name in ("heatmaps.f32", "heatmaps_done.u8")]
+    mode = "r+" if all(os.path.exists(p) for p in paths) else "w+"
+    maps = np.lib.format.open_memmap(paths[0], mode=mode, dtype=np.float32,
+                                     shape=(n, s, s, 1) if mode == "w+" else None)
+    done = np.lib.format.open_memmap(paths[1], mode=mode, dtype=np.uint8,
+                                     shape=(n,) if mode == "w+" else None)
+    todo = np.flatnonzero((status == DONE) & (done == 0))
+    had = int(np.sum((status == DONE) & (done == 1)))
+    bar = Progress(had + len(todo), "heatmaps", unit="img", start=had) if progress else None
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        full = np.concatenate([idx, idx[np.arange(batch_size - len(idx)) % len(idx)]])
+        maps[idx] = np.asarray(compute(np.asarray(images[full])))[:len(idx)]
+        maps.flush()
+        done[idx] = 1
+        done.flush()
+        if bar:
+            bar.update(len(idx))
+    if bar:
+        bar.close()
+    return len(todo), had
 
 
 def prefetch(data: FaceData, sampler: BatchSampler, start: int, stop: int,

@@ -18,6 +18,7 @@ from idguard_jax.strategies import STRATEGIES
 __all__ = ["TrainConfig", "paper", "demo", "tiny", "apply_overrides"]
 
 DTYPES = ("float32", "bfloat16")
+TARGET_SIZES = ("official", "demo", "tiny")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +33,12 @@ class TrainConfig:
     n_blocks: int = 6
     eps: float = 0.05
     # what is attacked
-    targets: tuple[str, ...] = ("stargan", "aggan", "fpgan")
-    target_config: tuple[tuple[str, Any], ...] = ()   # architecture overrides, e.g. (("conv_dim", 8),)
+    targets: tuple[str, ...] = ("stargan", "aggan", "fpgan", "relgan", "hisd")
+    target_size: str = "official"     # 'official', or the narrow random 'demo' / 'tiny' variants
     all_conditions: bool = False      # every condition each step instead of step mod count
-    identity: str = "standin"         # network of the identity loss
+    # network of the identity loss: 'auto' = a converted ArcFace (the reference's) if present,
+    # else dlib's (offline, real); or any name in idguard_jax.identity.IDENTITY_NETS
+    identity: str = "auto"
     identity_config: tuple[tuple[str, Any], ...] = ()
     loss: LossConfig = LossConfig()
     # how the per-target losses are weighted
@@ -63,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"mgda_solver={self.mgda_solver!r}: 'reference' or 'exact'")
         if self.mgda_gradients not in ("params", "perturbation"):
             raise ValueError(f"mgda_gradients={self.mgda_gradients!r}: 'params' or 'perturbation'")
+        if self.target_size not in TARGET_SIZES:
+            raise ValueError(f"target_size={self.target_size!r}: choose one of {', '.join(TARGET_SIZES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.image_size % 4:
@@ -81,7 +86,7 @@ class TrainConfig:
 
 
 def paper(**overrides) -> TrainConfig:
-    """The paper's setting (IV-A5). Needs converted target weights and the CelebAMask-HQ data."""
+    """The paper's setting (IV-A5). Needs converted target and ArcFace weights and the data."""
     return TrainConfig(**overrides)
 
 
@@ -89,7 +94,7 @@ def demo(**overrides) -> TrainConfig:
     """A CPU demo of a few minutes: 64 px, batch 4, 3 small RANDOM StarGAN-family targets,
     a small random stand-in identity network. Not the paper's numbers."""
     base = dict(image_size=64, batch_size=4, num_steps=120, ngf=16, n_blocks=2,
-                target_config=(("conv_dim", 16), ("repeat_num", 3)), identity="standin",
+                target_size="demo", identity="standin",
                 identity_config=(("width", 8),), checkpoint_every=40, log_every=1)
     return TrainConfig(**{**base, **overrides})
 
@@ -97,7 +102,7 @@ def demo(**overrides) -> TrainConfig:
 def tiny(**overrides) -> TrainConfig:
     """The smallest configuration, for tests: 32 px, batch 2, narrow networks."""
     base = dict(image_size=32, batch_size=2, num_steps=2, ngf=4, n_blocks=1,
-                target_config=(("conv_dim", 4), ("repeat_num", 3)), identity="standin",
+                target_size="tiny", identity="standin",
                 identity_config=(("width", 4),), checkpoint_every=1000)
     return TrainConfig(**{**base, **overrides})
 
@@ -134,7 +139,7 @@ def apply_overrides(cfg: TrainConfig, items: list[str]) -> TrainConfig:
             loss = changes.get("loss", cfg.loss)
             changes["loss"] = dataclasses.replace(loss, **{sub: _parse_value(text, getattr(loss, sub))})
             continue
-        if key not in fields or key in ("target_config", "identity_config"):
+        if key not in fields or key == "identity_config":
             raise ValueError(f"--set {key}: unknown or unsupported field (known: {', '.join(sorted(fields))})")
         try:
             changes[key] = _parse_value(text, getattr(cfg, key))

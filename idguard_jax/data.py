@@ -9,8 +9,8 @@ import numpy as np
 
 from idguard_jax.images import IMAGE_SUFFIXES, list_images, read_rgb
 
-__all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "BatchSampler",
-           "batch_at"]
+__all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "face_landmarks",
+           "BatchSampler", "batch_at"]
 
 
 def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
@@ -57,20 +57,50 @@ class FaceData:
     names: list[str]
     notes: tuple[str, ...] = ()
     rows: np.ndarray | None = None   # the usable rows of the arrays (a cache's done rows); None = all
+    # (N, 5, 2) dlib 5-point landmarks of the clean faces in unit coordinates (x/W, y/H), or None;
+    # needed by chip-based identity networks (dlib), which cut their face chip with them.
+    landmarks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images) if self.rows is None else len(self.rows)
 
 
-def folder_dataset(folder, size: int, seed: int = 0, limit: int | None = None) -> FaceData:
+def face_landmarks(paths: list[str]) -> np.ndarray:
+    """(N, 5, 2) dlib 5-point landmarks in unit coordinates, found at each file's own resolution.
+
+    An image where no face is found gets the mean landmarks of the others (aligned faces sit
+    in the same place), with a warning naming it; no face anywhere is an error."""
+    from idguard_jax.dlib_face import FaceAnalyzer
+
+    analyzer = FaceAnalyzer()
+    found, missing = {}, []
+    for i, p in enumerate(paths):
+        img = read_rgb(p)
+        pts = analyzer.largest_face(img)
+        if pts is None:
+            missing.append(i)
+        else:
+            found[i] = pts / np.array([img.shape[1], img.shape[0]], np.float32)
+    if not found:
+        raise ValueError(f"no face found in any of {len(paths)} images (e.g. {paths[0]})")
+    mean = np.mean(list(found.values()), axis=0)
+    for i in missing:
+        warnings.warn(f"{paths[i]}: no face found; using the mean landmarks", stacklevel=2)
+    return np.stack([found.get(i, mean) for i in range(len(paths))]).astype(np.float32)
+
+
+def folder_dataset(folder, size: int, seed: int = 0, limit: int | None = None,
+                   landmarks: bool = False) -> FaceData:
     """A folder of aligned faces with STAND-IN annotations: central-box masks, uniform heatmaps
-    and random attribute labels (seeded). Enough to exercise training; not the paper's data."""
+    and random attribute labels (seeded). Enough to exercise training; not the paper's data.
+    With `landmarks`, dlib's 5 landmarks of each face (for the dlib identity network)."""
     images, paths = load_folder(folder, size, limit)
     n = len(images)
     masks = np.broadcast_to(central_face_mask(size).astype(np.uint8), (n, size, size, 1)).copy()
     labels = np.random.default_rng(seed).integers(0, 2, (n, 5)).astype(np.float32)
     return FaceData(images=images, masks=masks, heatmaps=None, labels=labels,
                     names=[os.path.basename(p) for p in paths],
+                    landmarks=face_landmarks(paths) if landmarks else None,
                     notes=("stand-in masks: central face box", "stand-in heatmaps: uniform",
                            "stand-in labels: random"))
 
@@ -99,5 +129,12 @@ def batch_at(data: FaceData, idx: np.ndarray) -> dict:
         heat = np.ones((len(idx),) + data.masks.shape[1:], np.float32)
     else:
         heat = data.heatmaps[idx]
-    return {"image": data.images[idx], "mask": data.masks[idx], "heatmap": heat,
-            "labels": data.labels[idx]}
+    batch = {"image": data.images[idx], "mask": data.masks[idx], "heatmap": heat,
+             "labels": data.labels[idx]}
+    if data.landmarks is not None:
+        from idguard_jax.dlib_face import chip_warps
+
+        size = data.images.shape[1:3]
+        pts = data.landmarks[idx] * np.array([size[1], size[0]], np.float32)
+        batch["chip_warp"] = chip_warps(pts, size)._asdict()
+    return batch

@@ -18,7 +18,7 @@ from flax import linen as nn
 from ports.layers import BatchNorm, clamp, conv2d, conv_transpose2d, reflect_pad
 
 __all__ = ["ResnetGenerator", "GeneratorConfig", "perturb", "init_generator", "init_kernel",
-           "fit_delta_p", "save_generator", "load_generator",
+           "fit_delta_p", "save_generator", "load_generator", "abstract_generator",
            "init_bn_scale"]
 
 Dtype = Any
@@ -97,9 +97,18 @@ class GeneratorConfig:
 
 
 def init_generator(key: jax.Array, cfg: GeneratorConfig) -> dict:
-    """Fresh generator variables {'params', 'batch_stats'} initialised as the reference does."""
-    x = jnp.zeros((1, cfg.image_size, cfg.image_size, 6), jnp.float32)
-    return dict(cfg.module().init(key, x, train=False))
+    """Fresh generator variables {'params', 'batch_stats'} initialised as the reference does:
+    kernels N(0, 0.02), BN scales N(1, 0.02), biases 0 (drawn with NumPy: the module's own
+    initializers give the same distributions but compile one program each)."""
+    from idguard_jax.random_init import random_variables
+
+    return random_variables(abstract_generator(cfg), key, kernel_std=0.02, scale_std=0.02)
+
+
+def abstract_generator(cfg: GeneratorConfig) -> dict:
+    """Shapes of the generator's variables, nothing allocated (jax.eval_shape)."""
+    x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 6), jnp.float32)
+    return jax.eval_shape(functools.partial(cfg.module().init, train=False), jax.random.key(0), x)
 
 
 def perturb(module: ResnetGenerator, variables: dict, delta_p: jax.Array, x: jax.Array,
@@ -179,7 +188,7 @@ def load_generator(path) -> tuple[dict, jax.Array, GeneratorConfig]:
                          "convert an official AdvG.pth with `python convert/convert.py generator ...` "
                          "or export one with experiments/train.py")
     cfg = GeneratorConfig(**meta["config"])
-    abstract = jax.eval_shape(lambda k: init_generator(k, cfg), jax.random.key(0))
+    abstract = abstract_generator(cfg)
     tree, _ = load_bundle(path)
     variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
     got = jax.tree.map(lambda a: tuple(a.shape), variables)

@@ -10,8 +10,8 @@ import sys
 
 import jax
 
-from idguard_jax import targets
-from idguard_jax.generator import GeneratorConfig, init_generator
+from idguard_jax import identity, targets
+from idguard_jax.generator import GeneratorConfig, abstract_generator
 
 
 def count(tree) -> int:
@@ -19,11 +19,15 @@ def count(tree) -> int:
 
 
 def network_sizes() -> dict[str, int]:
-    """{name: parameter count} for the generator and every registered target."""
-    gen = jax.eval_shape(lambda k: init_generator(k, GeneratorConfig()), jax.random.key(0))
+    """{name: parameter count} for the generator, every registered target and every identity
+    network but the random stand-in."""
+    gen = abstract_generator(GeneratorConfig())
     sizes = {"generator": count(gen["params"])}
     for name in targets.TARGETS:
         sizes[name] = count(targets.abstract_variables(name, 256)["params"])
+    for name in identity.IDENTITY_NETS:
+        if name != "standin":
+            sizes[name] = count(identity.abstract_variables(name)["params"])
     return sizes
 
 

@@ -20,10 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from idguard_jax import hisd_target as hisd
+from ports.relgan import RelGANGenerator
 from ports.stargan import StarGANFamilyGenerator
+from idguard_jax.random_init import random_variables
 
 __all__ = ["Target", "TargetSpec", "TARGETS", "build", "load", "init_random", "stargan_conditions",
-           "STARGAN_ATTRIBUTES", "PRIOR_WEIGHTS"]
+           "STARGAN_ATTRIBUTES", "PRIOR_WEIGHTS", "RELGAN_VECTORS", "RelativeVectors", "SIZES",
+           "size_config"]
 
 # The attribute order of every StarGAN-family checkpoint (targets.md 1, 10.7).
 STARGAN_ATTRIBUTES = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young")
@@ -58,6 +62,38 @@ def stargan_conditions(labels: jax.Array) -> jax.Array:
     return jnp.stack(out)
 
 
+# ID-Guard's RelGAN references (targets.md 0.2): relative attribute vectors, presumably in the
+# StarGAN attribute order; the checkpoint's order and sign convention are undocumented.
+RELGAN_VECTORS = ((0, 0, 0, 1, 0), (0, -1, 0, 0, 0), (-1, 0, 0, 0, 0), (0, 0, 0, -1, 0),
+                  (0, 0, 0, 0, -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeVectors:
+    """RelGAN's conditions: fixed relative attribute vectors, the same for every image.
+
+    labels (B, ...) (only B is read) -> (K, B, n_z) for K `vectors` of n_z entries. Compared and
+    hashed by value; vectors read back from a bundle's JSON meta (lists) become tuples.
+    """
+    vectors: tuple = RELGAN_VECTORS
+
+    def __post_init__(self):
+        vectors = tuple(tuple(float(v) for v in row) for row in self.vectors)
+        if not vectors or len({len(row) for row in vectors}) != 1:
+            raise ValueError(f"RelGAN vectors {self.vectors!r}: need one or more vectors, "
+                             f"all of the same length n_z")
+        object.__setattr__(self, "vectors", vectors)
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self.vectors)
+
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        table = jnp.asarray(self.vectors, jnp.float32)
+        k, n_z = table.shape
+        return jnp.broadcast_to(table[:, None, :], (k, labels.shape[0], n_z))
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One frozen manipulation network (static description; weights travel separately)."""
@@ -88,6 +124,12 @@ class TargetSpec:
     num_conditions: int
     make_conditions: Callable[[jax.Array], Any]
     example_condition: Callable[[int], Any]  # batch size -> one condition, for init/eval_shape
+    # Config fields that choose the conditions, not the architecture: build() sets them on
+    # make_conditions (then a dataclass with these fields and a `num_conditions`).
+    condition_fields: tuple[str, ...] = ()
+    # Frozen data the checkpoint does not hold (HiSD's reference images): (config, bundle path,
+    # load's `references`) -> extra variable collections, added by load().
+    load_data: Callable[[dict, str, Any], dict] | None = None
 
 
 def _stargan_spec(variant: str) -> TargetSpec:
@@ -104,7 +146,51 @@ TARGETS: dict[str, TargetSpec] = {
     "stargan": _stargan_spec("stargan"),
     "aggan": _stargan_spec("aggan"),
     "fpgan": _stargan_spec("fpgan"),
+    "relgan": TargetSpec(
+        build_module=RelGANGenerator,
+        default_config={"n_z": len(RELGAN_VECTORS[0]), "n_repeat": 6, "vectors": RELGAN_VECTORS},
+        num_conditions=len(RELGAN_VECTORS),
+        make_conditions=RelativeVectors(),
+        example_condition=lambda b: jnp.zeros((b, len(RELGAN_VECTORS[0])), jnp.float32),
+        condition_fields=("vectors",),
+    ),
+    "hisd": TargetSpec(
+        build_module=hisd.build_module,
+        default_config=hisd.default_target_config(),
+        num_conditions=len(hisd.DEFAULT_CONDITIONS),
+        make_conditions=hisd.ConditionTable(),
+        example_condition=hisd.example_condition,
+        condition_fields=("conditions",),
+        load_data=hisd.load_references,
+    ),
 }
+
+
+# Narrow variants of each architecture for demos ('demo', 64 px) and tests ('tiny', 32 px): only
+# ever randomly initialised, so they show the machinery, never the paper's numbers.
+_STARGAN_SIZES = {"demo": {"conv_dim": 16, "repeat_num": 3}, "tiny": {"conv_dim": 4, "repeat_num": 3}}
+SIZES: dict[str, dict[str, dict]] = {
+    "stargan": _STARGAN_SIZES, "aggan": _STARGAN_SIZES, "fpgan": _STARGAN_SIZES,
+    "relgan": {"demo": {"n_repeat": 3}, "tiny": {"n_repeat": 3}},   # its widths are fixed upstream
+    "hisd": {
+        "demo": {"style_dim": 32, "noise_dim": 8, "encoder_channels": [16, 32, 64],
+                 "decoder_channels": [64, 32, 16], "extractor_channels": [8, 16, 32, 32, 64],
+                 "translator_channels": [16, 16, 16], "mapper_pre_channels": [32, 32],
+                 "mapper_post_channels": [32, 32, 32]},
+        "tiny": {"style_dim": 8, "noise_dim": 4, "encoder_channels": [4, 8, 8],
+                 "decoder_channels": [8, 8, 4], "extractor_channels": [4, 8, 8, 8],
+                 "translator_channels": [8, 8], "mapper_pre_channels": [8],
+                 "mapper_post_channels": [8, 8]},
+    },
+}
+
+
+def size_config(name: str, size: str) -> dict:
+    """Architecture overrides of target `name` at `size` ('official' = none)."""
+    if size == "official":
+        return {}
+    _spec(name)
+    return dict(SIZES[name][size])
 
 
 def _spec(name: str) -> TargetSpec:
@@ -121,26 +207,36 @@ def build(name: str, config: dict | None = None, dtype: Any = None) -> Target:
         raise ValueError(f"target {name!r}: unknown config fields {sorted(unknown)}")
     cfg = {**spec.default_config,
            **{k: v for k, v in (config or {}).items() if k in spec.default_config}}
+    make_conditions, num_conditions = spec.make_conditions, spec.num_conditions
+    if spec.condition_fields:
+        make_conditions = dataclasses.replace(
+            make_conditions, **{k: cfg.pop(k) for k in spec.condition_fields})
+        num_conditions = make_conditions.num_conditions
     return Target(name=name, module=spec.build_module(dtype=dtype, **cfg),
-                  num_conditions=spec.num_conditions, make_conditions=spec.make_conditions)
+                  num_conditions=num_conditions, make_conditions=make_conditions)
 
 
 def init_random(name: str, key: jax.Array, image_size: int, config: dict | None = None,
                 dtype: Any = None) -> tuple[Target, dict]:
     """A randomly initialised target (demos and tests only: it manipulates nothing meaningful)."""
     target = build(name, config, dtype)
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = target.module.init(key, x, _spec(name).example_condition(1))
-    return target, dict(variables)
+    return target, random_variables(abstract_variables(name, image_size, config), key)
 
 
 def abstract_variables(name: str, image_size: int = 256, config: dict | None = None) -> dict:
     """Shapes of the target's variables, without allocating them (jax.eval_shape)."""
-    return jax.eval_shape(lambda k: init_random(name, k, image_size, config)[1], jax.random.key(0))
+    module = build(name, config).module
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(module.init, jax.random.key(0), x, _spec(name).example_condition(1))
 
 
-def load(name: str, weights_dir: str | os.PathLike, dtype: Any = None) -> tuple[Target, dict]:
-    """A converted target: reads the bundle `weights_dir/name` written by convert/convert.py."""
+def load(name: str, weights_dir: str | os.PathLike, dtype: Any = None,
+         references: Any = None) -> tuple[Target, dict]:
+    """A converted target: reads the bundle `weights_dir/name` written by convert/convert.py.
+
+    references (HiSD only): its reference images, a folder, a list of files or an array
+    (idguard_jax.hisd_target.load_references); default the folder `weights_dir/hisd/references`.
+    """
     from idguard_jax.checkpoint import load_bundle
 
     path = os.path.join(os.fspath(weights_dir), name)
@@ -152,4 +248,9 @@ def load(name: str, weights_dir: str | os.PathLike, dtype: Any = None) -> tuple[
     if meta.get("model") != name:
         raise ValueError(f"{path}: holds {meta.get('model')!r}, not {name!r}")
     target = build(name, meta.get("config"), dtype)
-    return target, jax.tree.map(jnp.asarray, dict(tree))
+    spec = _spec(name)
+    if references is not None and spec.load_data is None:
+        raise ValueError(f"target {name!r} takes no reference images")
+    data = spec.load_data({**spec.default_config, **meta.get("config", {})}, path,
+                          references) if spec.load_data else {}
+    return target, jax.tree.map(jnp.asarray, {**dict(tree), **data})

@@ -79,11 +79,11 @@ class Setup:
 
 def create_setup(cfg: TrainConfig) -> Setup:
     dtype = compute_dtype(cfg.dtype)
-    tconf = dict(cfg.target_config)
     return Setup(
         cfg=cfg,
         generator=cfg.generator.module(dtype),
-        targets=tuple(targets_lib.build(n, tconf, dtype) for n in cfg.targets),
+        targets=tuple(targets_lib.build(n, targets_lib.size_config(n, cfg.target_size), dtype)
+                      for n in cfg.targets),
         identity=identity_lib.build(cfg.identity, **dict(cfg.identity_config)),
         optimizer=optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2),
     )
@@ -105,8 +105,9 @@ def init_state(setup: Setup, key: jax.Array, delta_p: jax.Array | None = None) -
 def init_frozen_random(setup: Setup, key: jax.Array) -> dict:
     """Random weights for every target and the identity network (demos and tests only)."""
     keys = jax.random.split(key, len(setup.targets) + 1)
-    tconf = dict(setup.cfg.target_config)
-    tvars = {t.name: targets_lib.init_random(t.name, k, setup.cfg.image_size, tconf)[1]
+    size = setup.cfg.target_size
+    tvars = {t.name: targets_lib.init_random(t.name, k, setup.cfg.image_size,
+                                             targets_lib.size_config(t.name, size))[1]
              for t, k in zip(setup.targets, keys[:-1])}
     _, ivars = identity_lib.init_random(setup.cfg.identity, keys[-1], **dict(setup.cfg.identity_config))
     return {"targets": tvars, "identity": ivars}
@@ -133,7 +134,8 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
     """Steps 1-4: the ASCENT direction sum_k lambda_k grad L_k for {'params', 'delta_p'}.
 
     batch: 'image' (B,S,S,3) uint8 or float in [-1,1], 'mask' and 'heatmap' (B,S,S,1) in [0,1],
-    'labels' (B,5). Returns (grads, new batch_stats, new strategy state, lambda (N,), metrics).
+    'labels' (B,5), and 'chip_warp' for a chip-based identity network (dlib; data.batch_at).
+    Returns (grads, new batch_stats, new strategy state, lambda (N,), metrics).
     """
     cfg, lcfg = setup.cfg, setup.cfg.loss
     x = batch["image"]
@@ -142,6 +144,8 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
     heat = batch["heatmap"].astype(jnp.float32)
     n = x.shape[0]
     id_net, id_vars = setup.identity, frozen["identity"]
+    warp = batch.get("chip_warp")          # dlib: chip transforms of the clean faces
+    warp2 = None if warp is None else _twice(warp)
 
     # 1. Everything about the clean image, once, as constants.
     conds, clean = [], []
@@ -149,7 +153,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
         c = _conditions(t, batch["labels"], state.step, cfg.all_conditions)
         tv = frozen["targets"][t.name]
         o, f = jax.vmap(lambda ci: t.forward(tv, x, ci))(c)
-        idf = jax.vmap(lambda oi: id_net.features(id_vars, oi))(o)
+        idf = jax.vmap(lambda oi: id_net.features(id_vars, oi, warp))(o)
         conds.append(c)
         clean.append(jax.lax.stop_gradient((o, f, idf)))
 
@@ -167,7 +171,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
     def target_loss(t, tv, c, o, f, idf, xa, xp):
         def one_condition(ci, oi, fi, idfi):
             out, feat = t.forward(tv, jnp.concatenate([xa, xp]), _twice(ci))
-            ida = id_net.features(id_vars, out)
+            ida = id_net.features(id_vars, out, warp2)
             adv = branch_losses(lcfg, oi, fi, idfi, out[:n], feat[:n], ida[:n], mask, heat)
             pri = branch_losses(lcfg, oi, fi, idfi, out[n:], feat[n:], ida[n:], mask, heat)
             return adv, pri

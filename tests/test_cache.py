@@ -100,3 +100,40 @@ def test_prefetch_yields_the_samplers_batches(shared_faces_dir, tmp_path):
     assert len(got) == 5
     for step, b in zip(range(2, 7), got):
         np.testing.assert_array_equal(b["image"], batch_at(data, sampler.indices(step))["image"])
+
+
+def test_landmarks_for_the_dlib_identity_network(shared_faces_dir, tmp_path):
+    r = _prepare("aligned", shared_faces_dir, tmp_path / "c", "--size", 32, "--landmarks")
+    assert r.returncode == 0, r.stderr
+    data = open_cache(str(tmp_path / "c"))
+    assert data.landmarks.shape == (36, 5, 2)
+    assert np.all((data.landmarks > 0.1) & (data.landmarks < 0.9))   # aligned faces: central
+    b = batch_at(data, np.array([0, 1]))
+    assert b["chip_warp"]["affine"].shape == (2, 2, 3)
+
+
+def test_heatmaps_go_into_the_cache_resumably(shared_faces_dir, tmp_path):
+    from idguard_jax.cache import write_heatmaps
+    r = _prepare("aligned", shared_faces_dir, tmp_path / "c", "--size", 32)
+    assert r.returncode == 0, r.stderr
+    cache = str(tmp_path / "c")
+    assert open_cache(cache).heatmaps is None
+
+    def fake_cam(images_u8):           # any per-image function stands in for Grad-CAM++ here
+        return images_u8[..., :1].astype(np.float32) / 255
+
+    calls = []
+
+    def interrupted(images_u8):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return fake_cam(images_u8)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_heatmaps(cache, interrupted, batch_size=8, progress=False)
+    assert open_cache(cache).heatmaps is None          # incomplete: not used
+    assert write_heatmaps(cache, fake_cam, batch_size=8, progress=False) == (28, 8)
+    data = open_cache(cache)
+    b = batch_at(data, np.array([3, 30]))
+    np.testing.assert_allclose(b["heatmap"], fake_cam(b["image"]), atol=1e-7)

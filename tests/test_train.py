@@ -89,24 +89,34 @@ def test_gradients_equal_plain_autodiff(faces, strategy):
     _close(grads["delta_p"], ref[1])
 
 
-@pytest.mark.parametrize("strategy", ["equal", "prior", "dtp", "hmm", "mgda"])
-def test_each_strategy_steps(faces, strategy):
-    setup, state, frozen = _setup(strategy=strategy, targets=("stargan", "fpgan"))
+FIVE = ("stargan", "aggan", "fpgan", "relgan", "hisd")
+
+
+@pytest.fixture
+def fast_compile():
+    """Fewer XLA optimisations: compiles the five-target step faster, runs it slower."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.mark.parametrize("strategy", ["equal", "prior", "dtp", "hmm"])
+def test_each_strategy_steps_with_all_five_targets(faces, strategy, fast_compile):
+    setup, state, frozen = _setup(strategy=strategy, targets=FIVE)
     step = train.make_train_step(setup)
     for i in range(2):
         state, m = step(state, _batch(faces, (2 * i, 2 * i + 1)), frozen)
-    lam = np.array([m["stargan/lambda"], m["fpgan/lambda"]])
+    lam = np.array([m[f"{t}/lambda"] for t in FIVE])
+    kpi = np.array([m[f"{t}/kpi"] for t in FIVE])
     assert np.all(np.isfinite(list(m.values())))
+    for t in FIVE:   # per-target metrics name each target
+        assert {f"{t}/loss", f"{t}/mask_adv", f"{t}/id_pri", f"{t}/feat_adv"} <= set(m)
     if strategy == "equal":
-        np.testing.assert_array_equal(lam, [1, 1])
+        np.testing.assert_array_equal(lam, 1)
     elif strategy == "prior":
-        np.testing.assert_array_equal(lam, [1, 1])   # reference alphas of stargan and fpgan
+        np.testing.assert_array_equal(lam, [1, 10, 1, 10, 100])   # the reference's alphas
     elif strategy == "hmm":
-        assert sorted(lam) == [0, 1]
-        hard = int(np.argmin([m["stargan/kpi"], m["fpgan/kpi"]]))
-        assert lam[hard] == 1
-    elif strategy == "mgda":
-        assert abs(lam.sum() - 1) < 1e-5 and np.all(lam >= 0)
+        np.testing.assert_array_equal(lam, np.eye(5)[np.argmin(kpi)])
     elif strategy == "dtp":
         assert np.all(lam > 0)
         assert np.all(np.asarray(state.strategy_state["kpi_ema"]) > 0)
@@ -171,10 +181,12 @@ def test_bfloat16_step_runs(faces):
     assert state.params["model0_1"]["kernel"].dtype == jnp.float32   # float32 master weights
 
 
-def test_short_run_raises_every_targets_disruption(faces):
-    """A few steps on the shared faces raise each target's loss L_k on held-out faces."""
-    setup, state, frozen = _setup(strategy="kpi", learning_rate=1e-2, batch_size=4, ngf=8,
-                                  targets=("stargan", "aggan", "fpgan"))
+@pytest.mark.parametrize("strategy", ["kpi", "mgda"])
+def test_short_run_raises_every_targets_disruption(faces, strategy):
+    """A few steps on the shared faces raise each of the five targets' loss L_k on held-out
+    faces (tiny random targets, stand-in identity network and masks)."""
+    setup, state, frozen = _setup(strategy=strategy, learning_rate=1e-2, batch_size=4, ngf=8,
+                                  targets=FIVE)
     held_out = data.batch_at(faces, np.arange(28, 36))
     evaluate = jax.jit(lambda st: train.compute_gradients(setup, st, held_out, frozen)[4])
     before = evaluate(state)
@@ -183,5 +195,36 @@ def test_short_run_raises_every_targets_disruption(faces):
     for i in range(24):
         state, _ = step(state, data.batch_at(faces, sampler.indices(i)), frozen)
     after = evaluate(state)
-    for name in ("stargan", "aggan", "fpgan"):
-        assert float(after[f"{name}/loss"]) > float(before[f"{name}/loss"]) + 1e-3, name
+    for name in FIVE:   # margin far above float noise (~1e-7); rises seen: 4e-4 (relgan) to 4e-2
+        assert float(after[f"{name}/loss"]) > float(before[f"{name}/loss"]) + 2e-4, name
+
+
+def test_dlib_identity_loss_in_the_step(shared_faces_dir):
+    """With the real offline dlib network the identity loss is minus the cosine of the
+    descriptors of chips cut where the CLEAN faces' landmarks say, and it trains."""
+    from idguard_jax import dlib_face, identity
+    faces = data.folder_dataset(shared_faces_dir, 64, limit=4, landmarks=True)
+    cfg = config.tiny(image_size=64, targets=("stargan",), identity="dlib", identity_config=())
+    setup = train.create_setup(cfg)
+    state = train.init_state(setup, jax.random.key(0))
+    net, ivars = identity.load("dlib", "no-such-weights-dir")       # the installed .dat
+    tvars = targets.init_random("stargan", jax.random.key(1), 64,
+                                targets.size_config("stargan", "tiny"))[1]
+    frozen = {"targets": {"stargan": tvars}, "identity": ivars}
+    batch = data.batch_at(faces, np.arange(2))
+    grads, _, _, _, m = jax.jit(functools.partial(train.compute_gradients, setup))(
+        state, batch, frozen)
+    x = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
+    warp = dlib_face.ChipWarp(**batch["chip_warp"])
+    np.testing.assert_allclose(net.features(ivars, x, batch["chip_warp"]),
+                               dlib_face.face_descriptors(ivars, x, warp), atol=1e-5)
+    x_adv, _, _ = perturb(setup.generator, {"params": state.params,
+                          "batch_stats": state.batch_stats}, state.delta_p, x, cfg.eps, train=True)
+    c = setup.targets[0].select(setup.targets[0].conditions(batch["labels"]), 0)
+    o, _ = setup.targets[0].forward(tvars, x, c)
+    oa, _ = setup.targets[0].forward(tvars, x_adv, c)
+    d, da = (dlib_face.face_descriptors(ivars, y, warp) for y in (o, oa))
+    cos = jnp.sum(d * da, -1) / (jnp.linalg.norm(d, axis=-1) * jnp.linalg.norm(da, axis=-1))
+    np.testing.assert_allclose(m["stargan/id_adv"], -jnp.mean(cos), rtol=1e-4)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["params"]["model0_1"]["kernel"]).max()) > 0

@@ -1,0 +1,170 @@
+"""Grad-CAM++ heatmaps of VGGFace for a folder of aligned faces (the heatmaps of the mask loss).
+
+    python experiments/heatmaps.py FACES_DIR OUT_DIR --weights WEIGHTS_DIR \
+        [--image-size 256] [--batch-size 16] [--recursive]
+    python experiments/heatmaps.py CACHE_DIR --weights WEIGHTS_DIR      # into a training cache
+
+For every image FACES_DIR/REL/NAME.EXT this writes OUT_DIR/REL/NAME.npy: an (S, S) float32 array
+in [0, 1], ID-Guard's heatmap at the training size S (idguard_jax.gradcam.heatmaps of the image
+read as training reads it: PIL bilinear to S x S, [-1, 1]). Read one with np.load(path,
+mmap_mode='r').
+
+Resumable: images whose .npy exists are skipped; each file is written under a temporary name and
+renamed, so an interrupted run leaves no partial file. OUT_DIR/heatmaps.json records the settings
+and a rerun with other settings is refused. The weights are the converted bundle
+WEIGHTS_DIR/vggface (python convert/convert.py vggface vggface-9d491dd7c30312.pth WEIGHTS_DIR).
+Exit codes: 0 done, 2 refused or failed (one line on stderr says why; finished files stay).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+__all__ = ["main", "build_parser", "SETTINGS_FILE"]
+
+SETTINGS_FILE = "heatmaps.json"
+_NETWORK = "vggface"
+
+
+class CliError(Exception):
+    """A user error: printed as `heatmaps: ...` with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="heatmaps.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("faces_dir", metavar="FACES_DIR", help="folder of aligned face images")
+    p.add_argument("out_dir", metavar="OUT_DIR", nargs="?",
+                   help="folder for the .npy heatmaps (not with a cache: they go into it)")
+    p.add_argument("--weights", required=True, metavar="DIR",
+                   help=f"folder holding the converted {_NETWORK} bundle")
+    p.add_argument("--image-size", type=int, default=256, metavar="S",
+                   help="training image size: images are read at S x S, heatmaps are S x S "
+                        "(default 256)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="images per Grad-CAM call (default 16)")
+    p.add_argument("--recursive", action="store_true", help="also read images in subfolders")
+    return p
+
+
+def _output_paths(faces_dir: str, paths: list[str], out_dir: str) -> dict[str, str]:
+    """image -> OUT_DIR/REL/NAME.npy; refuses two images that would share a file (a.png, a.jpg)."""
+    outputs, owner = {}, {}
+    for path in paths:
+        out = os.path.join(out_dir, os.path.splitext(os.path.relpath(path, faces_dir))[0] + ".npy")
+        if out in owner:
+            raise CliError(f"{owner[out]} and {path} would both write {out}; rename one")
+        owner[out] = outputs[path] = out
+    return outputs
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+    """Write OUT_DIR/heatmaps.json, or refuse if it records other settings."""
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != settings:
+            changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+            raise CliError(f"{out_dir}: made with other settings ({', '.join(changed)}: "
+                           f"{[before.get(k) for k in changed]} there, "
+                           f"{[settings.get(k) for k in changed]} now); use another OUT_DIR")
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+
+
+def _save_atomic(path: str, array) -> None:
+    import numpy as np
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _run(args: argparse.Namespace) -> str:
+    import numpy as np
+
+    from idguard_jax import gradcam, identity
+    from idguard_jax.checkpoint import read_meta
+    from idguard_jax.images import IMAGE_SUFFIXES, list_images, read_rgb, to_float
+    from idguard_jax.progress import Progress
+
+    if args.image_size <= 0:
+        raise CliError(f"--image-size {args.image_size}: must be positive")
+    if args.batch_size <= 0:
+        raise CliError(f"--batch-size {args.batch_size}: must be positive")
+    try:
+        net, variables = identity.load(_NETWORK, args.weights)
+        meta = read_meta(os.path.join(args.weights, _NETWORK))
+        if os.path.isfile(os.path.join(args.faces_dir, "meta.json")):
+            return _into_cache(args, net, variables)
+        if args.out_dir is None:
+            raise CliError("OUT_DIR is needed when FACES_DIR is a folder of images")
+        paths = list_images(args.faces_dir, recursive=args.recursive)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+    if not paths:
+        raise CliError(f"{args.faces_dir}: no images ({', '.join(IMAGE_SUFFIXES)})"
+                       + ("" if args.recursive else "; --recursive reads subfolders"))
+    outputs = _output_paths(args.faces_dir, paths, args.out_dir)
+    _check_settings(args.out_dir, {"image_size": args.image_size, "network": _NETWORK,
+                                   "weights_sha256": meta.get("sha256"),
+                                   "weights_config": meta.get("config")})
+
+    todo = [p for p in paths if not os.path.isfile(outputs[p])]
+    done = len(paths) - len(todo)
+    progress = Progress(len(paths), desc="heatmaps", unit="img", start=done)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        try:
+            faces = [read_rgb(p, args.image_size) for p in batch]
+        except ValueError as e:
+            raise CliError(f"{e} (heatmaps written so far are kept; rerun to resume)") from e
+        # A short last batch is filled with its own images: one compiled shape, and the same
+        # batch minimum for the reference's data-dependent denorm.
+        faces += [faces[i % len(faces)] for i in range(args.batch_size - len(faces))]
+        maps = np.asarray(gradcam.heatmaps(net.module, variables, to_float(np.stack(faces))))
+        for path, heatmap in zip(batch, maps):
+            _save_atomic(outputs[path], heatmap[..., 0])
+        progress.update(len(batch))
+    progress.close()
+    return f"wrote {len(todo)} heatmaps to {args.out_dir} ({done} were already there)"
+
+
+def _into_cache(args: argparse.Namespace, net, variables) -> str:
+    """FACES_DIR is a cache from experiments/prepare.py: its heatmaps go into it (resumable),
+    where training reads them."""
+    from idguard_jax import gradcam
+    from idguard_jax.cache import write_heatmaps
+    from idguard_jax.images import to_float
+
+    def compute(images_u8):
+        return gradcam.heatmaps(net.module, variables, to_float(images_u8))
+
+    written, had = write_heatmaps(args.faces_dir, compute, args.batch_size)
+    return f"wrote {written} heatmaps into the cache {args.faces_dir} ({had} were already there)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors: argparse has already printed the message
+        return e.code
+    try:
+        print(_run(args))
+    except (CliError, OSError) as e:  # OSError: an unwritable OUT_DIR, a full disk
+        print(f"heatmaps: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
