@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             _, ivars = identity.init_random(cfg.identity, jax.random.key(cfg.seed + 1),
                                             **dict(cfg.identity_config))
         else:
-            _, ivars = identity.load(cfg.identity, args.weights)
+            _, ivars = identity.load(cfg.identity, args.weights, cfg.identity_normalisation)
         frozen = {"targets": tvars, "identity": ivars}
 
     delta_p = None

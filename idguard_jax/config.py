@@ -40,6 +40,7 @@ class TrainConfig:
     # else dlib's (offline, real); or any name in idguard_jax.identity.IDENTITY_NETS
     identity: str = "auto"
     identity_config: tuple[tuple[str, Any], ...] = ()
+    identity_normalisation: str = "reference"   # 'reference' (what ID-Guard feeds) or 'trained'
     loss: LossConfig = LossConfig()
     # how the per-target losses are weighted
     strategy: str = "kpi"

@@ -84,7 +84,8 @@ def create_setup(cfg: TrainConfig) -> Setup:
         generator=cfg.generator.module(dtype),
         targets=tuple(targets_lib.build(n, targets_lib.size_config(n, cfg.target_size), dtype)
                       for n in cfg.targets),
-        identity=identity_lib.build(cfg.identity, **dict(cfg.identity_config)),
+        identity=identity_lib.build(cfg.identity, cfg.identity_normalisation,
+                                    **dict(cfg.identity_config)),
         optimizer=optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2),
     )
 

@@ -88,3 +88,8 @@ def test_summary_counts():
     assert counts["stargan"] == "8430528"
     assert counts["aggan"] == "8433664"
     assert counts["fpgan"] == "8430528"
+    assert {k: counts[k] for k in ("relgan", "hisd", "arcface", "irse50", "iresnet50",
+                                   "iresnet100", "vggface", "dlib")} == {
+        "relgan": "8434345", "hisd": "19043939", "arcface": "52193215", "irse50": "43797696",
+        "iresnet50": "43590848", "iresnet100": "65156160", "vggface": "145002878",
+        "dlib": "5614592"}
