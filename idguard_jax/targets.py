@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from idguard_jax import hisd_target as hisd
+from idguard_jax.random_init import random_variables
 from ports.relgan import RelGANGenerator
 from ports.stargan import StarGANFamilyGenerator
-from idguard_jax.random_init import random_variables
 
 __all__ = ["Target", "TargetSpec", "TARGETS", "build", "load", "init_random", "stargan_conditions",
            "STARGAN_ATTRIBUTES", "PRIOR_WEIGHTS", "RELGAN_VECTORS", "RelativeVectors", "SIZES",

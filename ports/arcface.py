@@ -24,34 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.layers import BatchNorm, conv2d, dense
+from ports.layers import BatchNorm, PReLU, conv2d, dense, flatten_nchw
 
 __all__ = ["ArcFaceSEIR", "PReLU", "flatten_nchw", "STAGE_WIDTHS"]
 
 Dtype = Any
 
 STAGE_WIDTHS = (64, 128, 256, 512)
-
-
-class PReLU(nn.Module):
-    """torch.nn.PReLU(num_parameters): x where x > 0, else slope * x.
-
-    `weight` has shape (num_parameters,) as in torch: 1 (one slope for every channel) or C
-    (one per channel, on the last axis). torch's initial slope is 0.25.
-    """
-    num_parameters: int = 1
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        slope = self.param("weight", nn.initializers.constant(0.25), (self.num_parameters,),
-                           jnp.float32)
-        # where(x > 0) rather than max/min: torch's gradient at exactly 0 is the slope's.
-        return jnp.where(x > 0, x, slope.astype(x.dtype) * x)
-
-
-def flatten_nchw(x: jax.Array) -> jax.Array:
-    """(B, H, W, C) -> (B, C*H*W) in torch's NCHW flatten order, for the Linear that follows."""
-    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
 class _SEBlock(nn.Module):

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.arcface import PReLU, STAGE_WIDTHS, flatten_nchw
-from ports.layers import BatchNorm, conv2d, dense
+from ports.arcface import STAGE_WIDTHS
+from ports.layers import BatchNorm, PReLU, conv2d, dense, flatten_nchw
 
 __all__ = ["IResNet", "IRESNET_LAYERS"]
 

@@ -22,6 +22,7 @@ Initializer = Callable[..., jax.Array]
 
 __all__ = [
     "conv2d", "conv_transpose2d", "dense", "reflect_pad", "InstanceNorm", "BatchNorm", "clamp",
+    "PReLU", "flatten_nchw",
 ]
 
 
@@ -133,3 +134,24 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
         y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         return y.astype(self.dtype or x.dtype)
+
+
+class PReLU(nn.Module):
+    """torch.nn.PReLU(num_parameters): x where x > 0, else slope * x.
+
+    `weight` has shape (num_parameters,) as in torch: 1 (one slope for every channel) or C
+    (one per channel, on the last axis). torch's initial slope is 0.25.
+    """
+    num_parameters: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        slope = self.param("weight", nn.initializers.constant(0.25), (self.num_parameters,),
+                           jnp.float32)
+        # where(x > 0) rather than max/min: torch's gradient at exactly 0 is the slope's.
+        return jnp.where(x > 0, x, slope.astype(x.dtype) * x)
+
+
+def flatten_nchw(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, C*H*W) in torch's NCHW flatten order, for the Linear that follows."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.arcface import flatten_nchw
-from ports.layers import conv2d, dense
+from ports.layers import conv2d, dense, flatten_nchw
 
 __all__ = ["VGGFace", "max_pool_ceil", "CONVS_PER_BLOCK"]
 
