@@ -125,7 +125,9 @@ def open_cache(cache: str) -> FaceData:
         landmarks[~found] = landmarks[found & np.isin(np.arange(len(found)), rows)].mean(axis=0)
     return FaceData(images=arrays["images.u8"], masks=arrays["masks.u8"], heatmaps=heatmaps,
                     labels=arrays["labels.f32"], names=[meta["names"][i] for i in rows],
-                    notes=tuple(meta.get("notes", ())), rows=rows, landmarks=landmarks)
+                    notes=tuple(meta.get("notes", ())) + (() if heatmaps is not None else (
+                        "heatmaps: uniform (compute them with experiments/heatmaps.py CACHE)",)),
+                    rows=rows, landmarks=landmarks)
 
 
 def write_heatmaps(cache: str, compute: Callable[[np.ndarray], np.ndarray], batch_size: int,
