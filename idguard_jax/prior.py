@@ -19,7 +19,6 @@ is this project's choice.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time

@@ -1,6 +1,5 @@
 """The perturbation generator: size, initialisation, the perturbation rule, bundles."""
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp

@@ -6,7 +6,6 @@ from ../shared/data/faces/celebahq (tests/conftest.py); never copied into the re
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
