@@ -21,7 +21,7 @@ from idguard_jax.images import read_rgb
 
 __all__ = ["ALIGNED_TEMPLATE_68", "COMPONENTS", "similarity_transform", "apply_transform",
            "align_face", "component_mask_from_landmarks", "face_mask_from_landmarks", "AlignedFace",
-           "analyse_photo", "OK", "TOO_SMALL"]
+           "analyse_photo", "analyse_image", "warp_to_photo", "OK", "TOO_SMALL"]
 
 # Mean dlib 68-point landmarks (x, y) / 256 of the 36 CelebA-HQ faces (256 x 256) in
 # shared/data/faces/celebahq: HOG detector (upsample 1), largest face,
@@ -81,14 +81,31 @@ def align_face(image_u8: np.ndarray, landmarks68: np.ndarray, size: int = 256,
     aligned crop: (aligned (size, size, 3) uint8, transform (2, 3) original -> aligned pixels).
     Parts of the crop outside the photo are black."""
     transform = similarity_transform(landmarks68, ALIGNED_TEMPLATE_68 * size)
-    # PIL samples the input at pixel centres x + 0.5: conjugate by that shift, then invert
-    # (PIL wants output -> input).
-    shift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
-    forward = shift @ np.vstack([transform, [0, 0, 1]]) @ np.linalg.inv(shift)
-    inverse = np.linalg.inv(forward)[:2].ravel()
+    inverse = np.linalg.inv(_pil_affine(transform))[:2].ravel()  # PIL wants output -> input
     aligned = Image.fromarray(np.asarray(image_u8, np.uint8)).transform(
         (size, size), Image.AFFINE, tuple(inverse), resample=resample)
     return np.asarray(aligned, np.uint8).copy(), transform
+
+
+def _pil_affine(transform: np.ndarray) -> np.ndarray:
+    """A (2, 3) map between dlib pixel coordinates (pixel i centred at i) as a (3, 3) map between
+    PIL's (pixel i centred at i + 0.5)."""
+    shift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+    return shift @ np.vstack([transform, [0, 0, 1]]) @ np.linalg.inv(shift)
+
+
+def warp_to_photo(aligned: np.ndarray, transform: np.ndarray,
+                  photo_shape: tuple[int, int]) -> np.ndarray:
+    """The inverse of `align_face` for float data: `aligned` (S, S, C) float (a perturbation made
+    on the aligned crop) resampled bilinearly into the photo's frame (H, W, C) float32, zero
+    outside the crop's footprint. `transform` is align_face's (2, 3) photo -> aligned matrix.
+    Bilinear weights are convex, so |output| <= max |aligned| everywhere."""
+    h, w = photo_shape
+    mapping = tuple(_pil_affine(transform)[:2].ravel())  # PIL wants output (photo) -> input
+    channels = [Image.fromarray(np.ascontiguousarray(aligned[..., c], np.float32), "F")
+                .transform((w, h), Image.AFFINE, mapping, resample=Image.BILINEAR)
+                for c in range(aligned.shape[-1])]
+    return np.stack([np.asarray(c, np.float32) for c in channels], axis=-1)
 
 
 def _convex_hull(points: np.ndarray) -> list[tuple[float, float]]:
@@ -164,14 +181,31 @@ class AlignedFace(NamedTuple):
 def analyse_photo(path: str | os.PathLike, analyzer, size: int = 256,
                   min_face: int = 64) -> list[AlignedFace]:
     """Every face dlib finds in the photo at `path` (largest first), aligned to size x size.
+    Raises ValueError naming the file if it cannot be read. See `analyse_image`."""
+    return analyse_image(read_rgb(path), analyzer, size, min_face)
+
+
+def analyse_image(photo: np.ndarray, analyzer, size: int = 256, min_face: int = 64,
+                  detect_max_side: int | None = None) -> list[AlignedFace]:
+    """Every face dlib finds in `photo` (H, W, 3) uint8 RGB, upright (largest first), aligned to
+    size x size.
 
     `analyzer` is a dlib_face.FaceAnalyzer. Faces whose detection box is narrower than `min_face`
     px are still returned, with status TOO_SMALL (their landmarks are unreliable). An empty list:
-    no face. Raises ValueError naming the file if it cannot be read.
+    no face. With `detect_max_side`, a larger photo is searched at that size (HOG detection time
+    grows with the pixel count) and the boxes scaled back; landmarks use the full resolution.
     """
-    photo = read_rgb(path)
+    scale = 1.0
+    search = photo
+    if detect_max_side and max(photo.shape[:2]) > detect_max_side:
+        scale = detect_max_side / max(photo.shape[:2])
+        h, w = round(photo.shape[0] * scale), round(photo.shape[1] * scale)
+        search = np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
+    boxes = analyzer.detect(search)
+    if scale != 1.0:
+        boxes = np.rint(boxes / scale).astype(np.int64)
     faces = []
-    for box in analyzer.detect(photo):
+    for box in boxes:
         pts68 = analyzer.landmarks68(photo, box)
         aligned, transform = align_face(photo, pts68, size)
         pts68_aligned = apply_transform(transform, pts68)

@@ -1,0 +1,242 @@
+"""Protect your own photos against face manipulation.
+
+    idguard protect photo.jpg holiday/ --out protected/ --generator weights/generator
+    python experiments/protect.py holiday/ --recursive --out protected/ --generator runs/demo-kpi/generator
+
+Every face in every photo is detected (dlib), aligned to the generator's frame, protected in
+batches across photos, and the perturbation is warped back and added at full resolution within
+the eps budget (0.05 in [-1, 1] units = at most 6 grey levels per channel). Outputs keep the
+input's name, format, size, orientation and metadata (JPEG: 4:4:4 chroma, quality chosen per
+photo to keep the perturbation and reported). Inputs are never modified; existing outputs are
+never replaced without --overwrite; --resume skips photos already done. One bad photo never
+stops the rest. Exit status: 0 all protected (photos without a face are counted, not errors),
+1 some photo failed, 2 bad arguments (nothing written), 130 interrupted (rerun with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+
+
+class UsageError(Exception):
+    """Bad arguments: reported in one line, exit status 2, nothing written."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idguard protect", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="photo files or folders")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--generator", required=True,
+                   help="a trained generator folder (train.py's WORKDIR/generator, or "
+                        "convert.py generator's output)")
+    p.add_argument("--recursive", action="store_true", help="also photos in sub-folders")
+    p.add_argument("--eps", type=float, default=None,
+                   help="L-inf budget in [-1, 1] units (default: the generator's, 0.05 = 6 grey "
+                        "levels); higher protects more and shows more")
+    p.add_argument("--png", action="store_true", help="write PNG (lossless) instead of the "
+                   "input's format; the name's suffix becomes .png")
+    p.add_argument("--jpeg-quality", default="auto",
+                   help="JPEG quality 1-100, or 'auto' (default): the lowest of 95/98/100 that "
+                        "keeps >= 90%% of the perturbation's energy")
+    p.add_argument("--strip-metadata", action="store_true",
+                   help="drop EXIF (incl. GPS), XMP and comments; the picture is stored upright")
+    p.add_argument("--no-face", choices=("skip", "copy"), default="skip",
+                   help="photos without a usable face: skip them (default) or copy them unchanged")
+    p.add_argument("--min-face", type=int, default=64,
+                   help="faces narrower than this (px) are reported and left unprotected")
+    p.add_argument("--batch-size", type=int, default=16, help="faces per generator call")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding and detecting")
+    p.add_argument("--resume", action="store_true", help="skip photos whose output exists")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--report", help="also write every photo's outcome as JSON to this file")
+    return p
+
+
+def _check_args(args) -> None:
+    if args.eps is not None and not 0 < args.eps <= 1:
+        raise UsageError(f"--eps {args.eps}: must be in (0, 1] ([-1, 1] units; 0.05 is the paper's)")
+    if args.jpeg_quality != "auto":
+        try:
+            q = int(args.jpeg_quality)
+        except ValueError:
+            q = 0
+        if not 1 <= q <= 100:
+            raise UsageError(f"--jpeg-quality {args.jpeg_quality}: must be 1-100 or 'auto'")
+        args.jpeg_quality = q
+    if args.batch_size < 1 or args.workers < 1 or args.min_face < 1:
+        raise UsageError("--batch-size, --workers and --min-face must be positive")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: choose one")
+
+
+def plan(args) -> list[tuple[str, str]]:
+    """(source, output) pairs. A file argument lands in OUT under its own name; a folder's photos
+    under their path relative to that folder. Raises UsageError for missing inputs, two inputs
+    with the same output, or an output that is an input."""
+    from idguard_jax.images import list_images
+
+    out_root = os.path.abspath(args.out)
+    jobs = []
+    for arg in args.inputs:
+        if os.path.isdir(arg):
+            found = list_images(arg, recursive=args.recursive)
+            jobs += [(f, os.path.join(out_root, os.path.relpath(f, arg))) for f in found]
+        elif os.path.isfile(arg):
+            jobs.append((arg, os.path.join(out_root, os.path.basename(arg))))
+        else:
+            raise UsageError(f"{arg}: no such file or folder")
+    if args.png:
+        jobs = [(s, os.path.splitext(o)[0] + ".png") for s, o in jobs]
+    sources = {os.path.realpath(s): s for s, _ in jobs}
+    seen: dict[str, str] = {}
+    for source, output in jobs:
+        real = os.path.realpath(output)
+        if real in sources:
+            raise UsageError(f"{source}: its output {output} would overwrite an input; "
+                             f"choose another --out")
+        if real in seen:
+            raise UsageError(f"{seen[real]} and {source} would both be written to {output}")
+        seen[real] = source
+    return jobs
+
+
+def _check_out(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from e
+    probe = os.path.join(out, f".idguard-write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write into the folder ({e.strerror})") from e
+
+
+def _remove_stale_temporaries(jobs) -> None:
+    """Temporary outputs left by an interrupted run (ours: '.NAME.idguard-tmp-PID')."""
+    from idguard_jax.photos import TMP_MARK
+
+    for folder in {os.path.dirname(o) for _, o in jobs}:
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(".") and TMP_MARK in name:
+                    os.remove(os.path.join(folder, name))
+
+
+def _summary(outcomes, skipped, seconds, stream) -> None:
+    from idguard_jax import photos
+
+    by = {s: [o for o in outcomes if o.status == s]
+          for s in (photos.PROTECTED, photos.NO_FACE, photos.COPIED, photos.FAILED)}
+    faces = sum(o.faces for o in by[photos.PROTECTED])
+    done = len(outcomes)
+    print(f"\n{done} photo(s) in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} images/s): "
+          f"{len(by[photos.PROTECTED])} protected ({faces} faces), "
+          f"{len(by[photos.NO_FACE]) + len(by[photos.COPIED])} without a usable face, "
+          f"{len(by[photos.FAILED])} failed" + (f", {len(skipped)} already done (--resume)"
+                                                if skipped else ""), file=stream)
+    prot = by[photos.PROTECTED]
+    psnr = [o.psnr for o in prot if o.psnr is not None]
+    ssim = [o.ssim for o in prot if o.ssim is not None]
+    kept = [o.kept for o in prot if o.kept is not None]
+    if psnr:
+        quals = sorted({o.written.get("quality") for o in prot if o.written.get("quality")})
+        print(f"visible cost inside the changed area: PSNR {min(psnr):.1f}-{max(psnr):.1f} dB"
+              + (f", SSIM {min(ssim):.3f}-{max(ssim):.3f}" if ssim else "")
+              + f"; the written files keep {min(kept):.0%}-{max(kept):.0%} of the "
+              f"perturbation's energy"
+              + (f" (JPEG quality {', '.join(map(str, quals))}, 4:4:4 chroma)" if quals else ""),
+              file=stream)
+    for title, group in (("without a usable face (skipped)", by[photos.NO_FACE]),
+                         ("without a usable face (copied unchanged)", by[photos.COPIED])):
+        if group:
+            print(f"{title}: " + ", ".join(o.source for o in group), file=stream)
+    small = [o for o in outcomes if o.too_small]
+    if small:
+        print("faces too small to protect (left unchanged): " + ", ".join(
+            f"{o.source} ({o.too_small})" for o in small), file=stream)
+    for o in by[photos.FAILED]:
+        print(f"FAILED {o.error}", file=stream)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    try:
+        _check_args(args)
+        jobs = plan(args)
+        if not jobs:
+            raise UsageError("no photos found in " + " ".join(args.inputs)
+                             + ("" if args.recursive else " (sub-folders need --recursive)"))
+        existing = [o for _, o in jobs if os.path.exists(o)]
+        if existing and not (args.resume or args.overwrite):
+            raise UsageError(f"{len(existing)} output(s) exist already, e.g. {existing[0]}; "
+                             f"--resume skips them, --overwrite replaces them")
+        if args.report and os.path.exists(args.report) and not args.overwrite:
+            raise UsageError(f"--report {args.report}: exists already (--overwrite replaces it)")
+        _check_out(args.out)
+        from idguard_jax import protect
+
+        try:
+            gen = protect.load(args.generator)
+        except Exception as e:
+            raise UsageError(f"--generator {args.generator}: cannot load a generator ({e})") from e
+    except UsageError as e:
+        print(f"idguard protect: {e}", file=sys.stderr)
+        return 2
+
+    from idguard_jax import photos
+    from idguard_jax.progress import Progress
+
+    _remove_stale_temporaries(jobs)
+    skipped = [s for s, o in jobs if args.resume and os.path.exists(o)]
+    todo = [(s, o) for s, o in jobs if not (args.resume and os.path.exists(o))]
+    options = photos.PhotoOptions(
+        eps=args.eps, min_face=args.min_face, no_face=args.no_face,
+        output_format="PNG" if args.png else None, jpeg_quality=args.jpeg_quality,
+        strip_metadata=args.strip_metadata, batch_size=args.batch_size, workers=args.workers)
+    eps = gen.config.eps if args.eps is None else args.eps
+    print(f"protecting {len(todo)} photo(s) with eps {eps:g} ([-1, 1] units; at most "
+          f"{int(eps * 127.5)} grey levels per channel), generator {args.generator}"
+          + (f"; {len(skipped)} already done" if skipped else ""), file=sys.stderr)
+    bar = Progress(len(todo), desc="protect", unit="img")
+    outcomes = []
+
+    def on_result(o):
+        outcomes.append(o)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    status = 0
+    try:
+        photos.protect_photos(gen, todo, options, on_result=on_result)
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    _summary(outcomes, skipped, seconds, sys.stdout)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump({"eps": eps, "generator": args.generator, "seconds": seconds,
+                       "skipped": skipped, "photos": [o.as_dict() for o in outcomes]}, f, indent=1)
+    if status == 130:
+        print(f"interrupted after {len(outcomes)} of {len(todo)} photo(s): what is written is "
+              f"complete; rerun with --resume to do the rest", file=sys.stderr)
+        return status
+    return 1 if any(o.status == photos.FAILED for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
