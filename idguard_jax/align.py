@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from idguard_jax.images import read_rgb
 
 __all__ = ["ALIGNED_TEMPLATE_68", "COMPONENTS", "similarity_transform", "apply_transform",
-           "align_face", "component_mask_from_landmarks", "face_mask_from_landmarks", "AlignedFace",
+           "align_face", "cut_aligned", "component_mask_from_landmarks", "face_mask_from_landmarks", "AlignedFace",
            "analyse_photo", "analyse_image", "warp_to_photo", "OK", "TOO_SMALL"]
 
 # Mean dlib 68-point landmarks (x, y) / 256 of the 36 CelebA-HQ faces (256 x 256) in
@@ -81,10 +81,17 @@ def align_face(image_u8: np.ndarray, landmarks68: np.ndarray, size: int = 256,
     aligned crop: (aligned (size, size, 3) uint8, transform (2, 3) original -> aligned pixels).
     Parts of the crop outside the photo are black."""
     transform = similarity_transform(landmarks68, ALIGNED_TEMPLATE_68 * size)
+    return cut_aligned(image_u8, transform, size, resample), transform
+
+
+def cut_aligned(image_u8: np.ndarray, transform: np.ndarray, size: int,
+                resample=Image.BICUBIC) -> np.ndarray:
+    """The (size, size, 3) uint8 crop of `image_u8` that `transform` (photo -> aligned pixels)
+    defines: e.g. a protected photo cut exactly where its original's face was aligned."""
     inverse = np.linalg.inv(_pil_affine(transform))[:2].ravel()  # PIL wants output -> input
     aligned = Image.fromarray(np.asarray(image_u8, np.uint8)).transform(
         (size, size), Image.AFFINE, tuple(inverse), resample=resample)
-    return np.asarray(aligned, np.uint8).copy(), transform
+    return np.asarray(aligned, np.uint8).copy()
 
 
 def _pil_affine(transform: np.ndarray) -> np.ndarray:

@@ -7,14 +7,19 @@ uint8 images are [0, 255]. Masks are (..., H, W, 1) or (..., H, W) in {0, 1}.
   over the mask's pixels and the channels, on images in [-1, 1].
 - `mse`: the same over the whole image (Disrupting Deepfakes' criterion: > 0.05 is a success).
 - `psnr`, `ssim`: the visible cost of a perturbation (protected vs original).
-- `cosine`: identity similarity of two embeddings.
+- `cosine`, `euclidean`: identity similarity / distance of two embeddings.
+- success criteria: `defense_success` (the paper's DSR event), `identity_destroyed` (ArcFace
+  cosine < 0.4 or dlib distance >= 0.6), `cmua_l2` (CMUA-Watermark's masked MSE), MSE_SUCCESS
+  (Disrupting Deepfakes').
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["l2_face", "mse", "psnr", "ssim", "cosine", "gaussian_window",
-           "L2_FACE_SUCCESS", "ID_SIM_SUCCESS", "DLIB_SAME_PERSON"]
+__all__ = ["l2_face", "mse", "psnr", "ssim", "cosine", "gaussian_window", "euclidean",
+           "cmua_mask", "cmua_l2", "identity_destroyed", "defense_success",
+           "L2_FACE_SUCCESS", "ID_SIM_SUCCESS", "DLIB_SAME_PERSON", "MSE_SUCCESS", "CMUA_CHANGE",
+           "CMUA_SUCCESS"]
 
 # The paper's success criterion (IV-A4): L2_face > 0.05 AND ArcFace ID similarity < 0.4.
 L2_FACE_SUCCESS = 0.05
@@ -111,3 +116,55 @@ def cosine(u, v) -> np.ndarray:
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
     den = np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1)
     return (u * v).sum(-1) / np.maximum(den, 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Success criteria (evaluation tables)
+# --------------------------------------------------------------------------------------------
+
+# Disrupting Deepfakes (targets.md 6b): unmasked MSE of the two manipulated outputs > 0.05.
+MSE_SUCCESS = 0.05
+# CMUA-Watermark (targets.md 6a): the same error inside the pixels the manipulation changed
+# (sum over channels of |clean output - clean input| > 0.5) > 0.05.
+CMUA_CHANGE = 0.5
+CMUA_SUCCESS = 0.05
+
+
+def euclidean(u, v) -> np.ndarray:
+    """Euclidean distance of descriptors (..., D) -> (...,) (dlib's same-person test: < 0.6)."""
+    d = np.asarray(u, np.float64) - np.asarray(v, np.float64)
+    return np.sqrt((d ** 2).sum(-1))
+
+
+def cmua_mask(clean_input, clean_output, change: float = CMUA_CHANGE) -> np.ndarray:
+    """CMUA's evaluation mask (..., H, W, 1) float64 in {0, 1}: pixels where the manipulation of
+    the CLEAN image changed it, sum over channels of |output - input| > change (images in
+    [-1, 1])."""
+    diff = np.abs(np.asarray(clean_output, np.float64) - np.asarray(clean_input, np.float64))
+    return (diff.sum(-1, keepdims=True) > change).astype(np.float64)
+
+
+def cmua_l2(y, y_hat, clean_input) -> np.ndarray:
+    """CMUA's masked MSE: squared error of the manipulated outputs y (clean) and y_hat
+    (protected) inside `cmua_mask(clean_input, y)`, over mask pixels x channels; NaN where the
+    manipulation changed nothing (its code would divide by zero)."""
+    return l2_face(y, y_hat, cmua_mask(clean_input, y))
+
+
+def identity_destroyed(value, criterion: str, threshold: float | None = None) -> np.ndarray:
+    """Whether identity is destroyed, per element: criterion 'cosine' (ArcFace-like similarity,
+    destroyed when < threshold, default ID_SIM_SUCCESS 0.4) or 'distance' (dlib descriptor
+    distance, destroyed when >= threshold, default DLIB_SAME_PERSON 0.6). NaN -> False."""
+    v = np.asarray(value, np.float64)
+    with np.errstate(invalid="ignore"):
+        if criterion == "cosine":
+            return v < (ID_SIM_SUCCESS if threshold is None else threshold)
+        if criterion == "distance":
+            return v >= (DLIB_SAME_PERSON if threshold is None else threshold)
+    raise ValueError(f"criterion={criterion!r}: 'cosine' or 'distance'")
+
+
+def defense_success(l2_face_value, destroyed) -> np.ndarray:
+    """The paper's DSR event (IV-A4): L2_face > 0.05 AND identity destroyed. NaN L2 -> False."""
+    with np.errstate(invalid="ignore"):
+        return (np.asarray(l2_face_value, np.float64) > L2_FACE_SUCCESS) & np.asarray(destroyed, bool)

@@ -246,3 +246,35 @@ def test_perturbation_is_warped_back_and_clipped():
     r = np.random.default_rng(0).uniform(-eps, eps, (size, size, 3)).astype(np.float32)
     big = photos.perturbation_for_photo([r], [half], (64, 64), eps)
     assert np.abs(big).max() <= np.abs(r).max() + 1e-7 and np.abs(big[:60, :60]).min() >= 0
+
+
+def test_verify_shows_what_targets_make_of_both(photos_dir, generator_dir, tmp_path, capsys):
+    from experiments import verify
+
+    original = photos_dir / "couple.jpg"
+    rc, _, _ = _run(capsys, original, "--out", tmp_path / "out", "--generator", generator_dir,
+                    "--png")
+    assert rc == 0
+    protected = tmp_path / "out" / "couple.png"
+    common = ["--random-targets", "tiny", "--targets", "stargan,hisd", "--all-faces"]
+    rc = verify.main([str(original), str(protected), *common, "--out", str(tmp_path / "g.png"),
+                      "--json", str(tmp_path / "v.json")])
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "RANDOM stand-ins" in stdout and "descriptor distance >= 0.6" in stdout
+    rows = json.load(open(tmp_path / "v.json"))["rows"]
+    assert {(r["target"], r["face"]) for r in rows} == {(t, f) for t in ("stargan", "hisd")
+                                                        for f in (0, 1)}
+    assert all(r["l2_face"] > 1e-4 for r in rows)        # the protection changed every output
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape[1] == 4 * 64 + 3 * 2 and grid.shape[0] == len(rows) * 66 - 2
+    # the original against itself: nothing changes, nothing succeeds
+    rc = verify.main([str(original), str(original), *common, "--json", str(tmp_path / "s.json")])
+    same = json.load(open(tmp_path / "s.json"))["rows"]
+    assert rc == 0 and all(r["l2_face"] == 0 and not r["success"] for r in same)
+    assert all(r["identity"] < 1e-6 for r in same)      # dlib distance of identical faces
+    capsys.readouterr()
+    # bad input: a different photo size, no targets given
+    rc = verify.main([str(original), str(photos_dir / "img1.jpg"), *common])
+    assert rc == 2 and "not the same photo" in capsys.readouterr().err
+    rc = verify.main([str(original), str(protected)])
+    assert rc == 2 and "--weights" in capsys.readouterr().err
