@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.layers import BatchNorm, clamp, conv2d, conv_transpose2d, reflect_pad
+from ports.layers import BatchNorm, clamp, conv2d, conv_transpose2d, reflect_conv2d
 
 __all__ = ["ResnetGenerator", "GeneratorConfig", "perturb", "init_generator", "init_kernel",
            "fit_delta_p", "save_generator", "load_generator", "abstract_generator",
@@ -39,10 +39,11 @@ class _ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         bn = functools.partial(BatchNorm, dtype=self.dtype, scale_init=init_bn_scale)
-        conv = functools.partial(conv2d, bias=False, dtype=self.dtype, kernel_init=init_kernel)
-        h = conv(self.dim, 3, name="conv_block_1")(reflect_pad(x, 1))
+        conv = functools.partial(reflect_conv2d, bias=False, dtype=self.dtype,
+                                 kernel_init=init_kernel)
+        h = conv(x, self.dim, 3, name="conv_block_1")
         h = nn.relu(bn(name="conv_block_2")(h, not train))
-        h = conv(self.dim, 3, name="conv_block_5")(reflect_pad(h, 1))
+        h = conv(h, self.dim, 3, name="conv_block_5")
         h = bn(name="conv_block_6")(h, not train)
         return x + h
 
@@ -65,7 +66,8 @@ class ResnetGenerator(nn.Module):
         conv = functools.partial(conv2d, bias=False, dtype=dt, kernel_init=init_kernel)
         convt = functools.partial(conv_transpose2d, bias=False, dtype=dt, kernel_init=init_kernel)
         x = x.astype(dt) if dt is not None else x
-        h = conv(ngf, 7, name="model0_1")(reflect_pad(x, 3))
+        h = reflect_conv2d(x, ngf, 7, bias=False, dtype=dt, kernel_init=init_kernel,
+                           name="model0_1")
         h = nn.selu(bn(name="model0_2")(h, not train))
         h = conv(ngf * 2, 3, 2, 1, name="model0_4")(h)
         h = nn.selu(bn(name="model0_5")(h, not train))
@@ -79,8 +81,8 @@ class ResnetGenerator(nn.Module):
         h = nn.selu(bn(name=f"model0_{i + 1}")(h, not train))
         h = convt(ngf, 3, 2, 1, 1, name=f"model0_{i + 3}")(h)
         h = nn.selu(bn(name=f"model0_{i + 4}")(h, not train))
-        h = conv2d(self.out_channels, 7, bias=True, dtype=dt, kernel_init=init_kernel,
-                   name=f"model0_{i + 7}")(reflect_pad(h, 3))
+        h = reflect_conv2d(h, self.out_channels, 7, bias=True, dtype=dt, kernel_init=init_kernel,
+                           name=f"model0_{i + 7}")
         return jnp.tanh(h.astype(jnp.float32))
 
 

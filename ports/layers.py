@@ -21,7 +21,7 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 __all__ = [
-    "conv2d", "conv_transpose2d", "dense", "reflect_pad", "InstanceNorm", "BatchNorm", "clamp",
+    "conv2d", "reflect_conv2d", "conv_transpose2d", "dense", "reflect_pad", "InstanceNorm", "BatchNorm", "clamp",
     "PReLU", "flatten_nchw",
 ]
 
@@ -36,6 +36,27 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, *, bia
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=bias,
                    dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+def reflect_conv2d(x: jax.Array, features: int, kernel: int, *, bias: bool, name: str,
+                   dtype: Dtype = None,
+                   kernel_init: Initializer = nn.initializers.lecun_normal()) -> jax.Array:
+    """nn.ReflectionPad2d(kernel // 2) then torch.nn.Conv2d(in, features, kernel) on x (NHWC),
+    with `conv2d`'s parameters. Call inside a compact module (the conv is its child `name`).
+
+    On CPU the padded input is convolved with zero padding kernel // 2 and the border cropped,
+    which gives the same numbers: XLA's CPU convolution is ~3x slower without padding than
+    with 'SAME'-like padding (3x3 256-channel at 64 px: 220 vs 80 ms; 7x7 64->3 at 256 px:
+    500 vs 42 ms, on a 2-core EPYC), at the price of ~5% more multiply-adds.
+    """
+    p = kernel // 2
+    h = reflect_pad(x, p)
+    if jax.default_backend() != "cpu" or p == 0:
+        return conv2d(features, kernel, bias=bias, name=name, dtype=dtype,
+                      kernel_init=kernel_init)(h)
+    y = conv2d(features, kernel, padding=p, bias=bias, name=name, dtype=dtype,
+               kernel_init=kernel_init)(h)
+    return y[:, p:-p, p:-p, :]
 
 
 def conv_transpose2d(features: int, kernel: int, stride: int, padding: int,
