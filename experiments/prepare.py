@@ -107,7 +107,7 @@ def _photos(args) -> int:
     import numpy as np
 
     from idguard_jax.align import OK, analyse_photo
-    from idguard_jax.cache import build_cache
+    from idguard_jax.cache import FACE_MASKS_FILE, build_cache
     from idguard_jax.dlib_face import FaceAnalyzer
     from idguard_jax.images import IMAGE_SUFFIXES
 
@@ -161,7 +161,7 @@ def _photos(args) -> int:
             raise ValueError(f"{names[i]}: face {face.status} (box {face.box.tolist()}, "
                              f"--min-face {args.min_face})")
         if face_masks is None:
-            path = os.path.join(args.cache, "facemasks.u8.npy")
+            path = os.path.join(args.cache, FACE_MASKS_FILE)
             face_masks = np.lib.format.open_memmap(
                 path, mode="r+" if os.path.exists(path) else "w+", dtype=np.uint8,
                 shape=None if os.path.exists(path) else (len(names), args.size, args.size, 1))

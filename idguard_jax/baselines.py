@@ -7,7 +7,8 @@
   MSEs), which is what a cross-model table needs (one protected photo per person).
 - `cmua_fit` / `cmua_apply`: CMUA-Watermark (Huang et al. 2022; targets.md 6a): ONE universal
   perturbation learned over batches and models, eps 0.05, k 10, a 0.01, momentum 0.5, batch 64;
-  per model call: random start (HiSD: from the current perturbation), k sign steps on
+  per model call: random start (HiSD: x + the current perturbation, unclamped, or x itself
+  before there is one), k sign steps on
   MSE(G(X), G(x)) (HiSD's target + 0.002), the batch mean of the clamped steps folded into the
   perturbation with momentum. Model order as given, every condition of each.
 - `pg_train`: PG (Huang et al., "Initiative defense against facial manipulation", AAAI 2021) as
@@ -49,17 +50,21 @@ METHODS = ("idguard", "disrupting", "cmua", "pg", "pgd")
 
 def linf_pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Array,
              eps: float = EPS, steps: int = STEPS, step_size: float = STEP_SIZE) -> jax.Array:
-    """The reference LinfPGDAttack: X = x + U(-eps, eps); `steps` times
+    """The reference LinfPGDAttack (Ruiz et al.'s `perturb`): X = x + U(-eps, eps); `steps` times
     X <- clamp(x + clamp(X + step_size * sign(grad loss_fn(X)) - x, +-eps), -1, 1).
-    loss_fn must be a sum of per-image terms (then each image's attack ignores its batch)."""
+    As there, the first gradient is taken at the UNCLAMPED random start (it may leave [-1, 1] by
+    up to eps). loss_fn must be a sum of per-image terms (then each image's attack ignores its
+    batch)."""
     start = x + jax.random.uniform(key, x.shape, jnp.float32, -eps, eps)
+    if steps == 0:
+        # the reference would return the raw start; a protected image must stay in [-1, 1]
+        return clamp(start, -1.0, 1.0)
 
     def body(_, xa):
         xa = xa + step_size * jnp.sign(jax.grad(loss_fn)(xa))
         return clamp(x + clamp(xa - x, -eps, eps), -1.0, 1.0)
 
-    # the first iterate is clamped too, so even steps=0 stays inside the budget and [-1, 1]
-    return jax.lax.fori_loop(0, steps, body, clamp(x + clamp(start - x, -eps, eps), -1.0, 1.0))
+    return jax.lax.fori_loop(0, steps, body, start)
 
 
 def _per_image_mse(a, b):
@@ -133,9 +138,10 @@ def cmua_call(target: targets_lib.Target, variables: dict, x: jax.Array, conditi
     x = x.astype(jnp.float32)
     y = jax.lax.stop_gradient(target.forward(variables, x, condition)[0])
     if target.name == "hisd":
+        # CMUA's HiSD branch: X = X_nat + up once up exists (unclamped), else X_nat itself (no
+        # random start); `key` is unused here
         y = y + HISD_TARGET_OFFSET
-        start = jnp.where(has_up, clamp(x + up, -1.0, 1.0), x + jax.random.uniform(
-            key, x.shape, jnp.float32, -eps, eps))
+        start = jnp.where(has_up, x + up, x)
     else:
         start = x + jax.random.uniform(key, x.shape, jnp.float32, -eps, eps)
 

@@ -26,9 +26,12 @@ import numpy as np
 from idguard_jax.data import BatchSampler, FaceData, batch_at
 from idguard_jax.progress import Progress
 
-__all__ = ["build_cache", "open_cache", "write_heatmaps", "prefetch"]
+__all__ = ["build_cache", "open_cache", "write_heatmaps", "prefetch", "FACE_MASKS_FILE"]
 
 TODO, DONE, FAILED = 0, 1, 2
+# (N, S, S, 1) uint8 whole-face masks for L2_face: written by experiments/prepare.py (photos),
+# read by experiments/evaluate.py
+FACE_MASKS_FILE = "facemasks.u8.npy"
 
 
 def _arrays(cache: str, n: int, size: int, mode: str) -> dict[str, np.memmap]:

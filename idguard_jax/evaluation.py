@@ -13,7 +13,9 @@ For every target and condition, the clean image x and the protected image x' are
   (`align.ALIGNED_TEMPLATE_68`). `mask_source` records which, per output.
 - `id_sim`: cosine similarity of the judge's embeddings of y and y'. With the dlib network also
   `id_distance` (descriptor distance); identity is destroyed when cosine < 0.4 (ArcFace, the
-  paper) or distance >= 0.6 (dlib's threshold): `Judge.describe()` says which.
+  paper) or distance >= 0.6 (dlib's threshold): `Judge.describe()` says which, and with which
+  input normalisation (`make_judge(normalisation=)`, default 'reference': what ID-Guard's code
+  feeds ArcFace, [-1, 1] resized to 112 without a crop).
 - `dsr`: L2_face > 0.05 AND identity destroyed (the paper's success event).
 - `mse` / `mse_success` (Disrupting Deepfakes: unmasked MSE > 0.05) and `cmua_l2` /
   `cmua_success` (CMUA-Watermark's changed-pixel mask, targets.md 6a).
@@ -23,8 +25,9 @@ Per image also the visible cost: `psnr`, `ssim` (protected vs original) and `lin
 
 dlib's descriptors are cut from dlib's 150 px face chip at landmarks: y and y' at the landmarks
 of y (or the mask's fallback), as the identity loss does; y' for misdirection at its own.
-Host-side dlib work (detection, landmarks) runs per output; the networks run jitted in chunks of
-`CHUNK` (padded, so each network compiles once per image size).
+Host-side dlib work (detection, landmarks) runs per output; the targets and identity networks
+run jitted in chunks of `CHUNK` images, the last one padded, so each network compiles once per
+image size whatever the batch size (a short last batch included).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from idguard_jax import align, metrics
 from idguard_jax import identity as identity_lib
 from idguard_jax import targets as targets_lib
 from idguard_jax.dlib_face import chip_warps
-from idguard_jax.images import to_uint8
+from idguard_jax.images import to_float, to_uint8
 
 __all__ = ["Models", "load_models", "Judge", "make_judge", "FaceFinder", "template_landmarks",
            "measure", "concatenate", "summarise", "MASK_SOURCES", "CHUNK", "as_float",
@@ -103,27 +106,43 @@ class Judge:
     def name(self) -> str:
         return self.net.name
 
+    @property
+    def normalisation(self) -> str:
+        return self.net.normalisation
+
     def describe(self) -> str:
         what = (f"{self.name} cosine < {self.threshold:g}" if self.criterion == "cosine"
                 else f"{self.name} descriptor distance >= {self.threshold:g}")
+        # how the network sees the outputs changes its similarities: say which input it got
+        what += (" (on dlib's 150 px face chips)" if self.net.chip_based
+                 else f" ({self.normalisation!r} input normalisation)")
         return what + (" (RANDOM stand-in network: recognises nobody)" if self.random else "")
 
 
 def make_judge(name: str = "auto", weights_dir: str | os.PathLike | None = None,
-               seed: int = 0, **config) -> Judge:
+               seed: int = 0, normalisation: str = "reference", **config) -> Judge:
     """'auto': a converted ArcFace in weights_dir (the paper's judge), else dlib's offline
-    network. Also any identity network name; 'standin' is random (tests only)."""
+    network. Also any identity network name; 'standin' is random (tests only).
+
+    normalisation (`identity.NORMALISATIONS`): how the outputs are fed to the network.
+    'reference' (default) is what ID-Guard's code feeds ArcFace ([-1, 1], resized to 112, no
+    crop), so the numbers compare with the paper's code; 'trained' is what the network was
+    trained on (ArcFace: ImageNet mean/std). dlib's chips ignore it."""
+    if normalisation not in identity_lib.NORMALISATIONS:
+        raise ValueError(f"identity normalisation {normalisation!r}: choose one of "
+                         f"{', '.join(identity_lib.NORMALISATIONS)}")
     if name == "auto":
         name = identity_lib.default_loss_network(weights_dir)
     if name == "standin":
-        net, variables = identity_lib.init_random(name, jax.random.key(seed), **config)
+        net, variables = identity_lib.init_random(name, jax.random.key(seed),
+                                                  normalisation=normalisation, **config)
         return Judge(net, variables, random=True)
     if name == "dlib":
-        net, variables = identity_lib.load("dlib", weights_dir or "")
+        net, variables = identity_lib.load("dlib", weights_dir or "", normalisation)
         return Judge(net, variables, "distance", metrics.DLIB_SAME_PERSON)
     if weights_dir is None:
         raise ValueError(f"identity judge {name!r} needs --weights with its converted bundle")
-    net, variables = identity_lib.load(name, weights_dir)
+    net, variables = identity_lib.load(name, weights_dir, normalisation)
     return Judge(net, variables)
 
 
@@ -183,6 +202,18 @@ def _chunked(fn, n: int, *arrays):
     return np.concatenate(out)
 
 
+def _manipulate_all(target: targets_lib.Target, variables, x: np.ndarray,
+                    labels: np.ndarray) -> np.ndarray:
+    """(C, B, S, S, 3) float32: target's output for every condition of `target.conditions(labels)`
+    and every image of x (B, S, S, 3), in padded chunks of CHUNK images (one compiled shape
+    whatever B is, so a short last batch does not compile the network again)."""
+    def chunk(xs, ls):
+        y = _manipulate(target, variables, jnp.asarray(xs), target.conditions(jnp.asarray(ls)))
+        return np.swapaxes(np.asarray(y), 0, 1)          # images first, as _chunked slices
+
+    return np.swapaxes(_chunked(chunk, len(x), x, labels), 0, 1)
+
+
 def _describe(judge: Judge, images: np.ndarray, landmarks5: np.ndarray | None) -> np.ndarray:
     """(N, D) judge features of float images (N, S, S, 3); landmarks5 (N, 5, 2) pixels (chip
     networks only)."""
@@ -195,11 +226,11 @@ def _describe(judge: Judge, images: np.ndarray, landmarks5: np.ndarray | None) -
 
 
 def as_float(images) -> np.ndarray:
-    """uint8 [0, 255] or float [-1, 1] (B, S, S, 3) -> float32 [-1, 1]."""
+    """uint8 [0, 255] (`images.to_float`) or float [-1, 1] (B, S, S, 3) -> float32 [-1, 1]."""
     a = np.asarray(images)
     if a.ndim != 4 or a.shape[-1] != 3:
         raise ValueError(f"expected images (B, S, S, 3), got shape {a.shape}")
-    return a.astype(np.float32) / 127.5 - 1.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    return to_float(a) if a.dtype == np.uint8 else a.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,9 +303,8 @@ def measure(models: Models, clean, protected, judge: Judge, *, labels=None,
                  "random_targets": models.random}
     for t in models.targets:
         v = models.variables[t.name]
-        table = t.conditions(jnp.asarray(labels))
-        y = np.asarray(_manipulate(t, v, jnp.asarray(x), table))
-        yp = np.asarray(_manipulate(t, v, jnp.asarray(xp), table))
+        y = _manipulate_all(t, v, x, labels)
+        yp = _manipulate_all(t, v, xp, labels)
         c = y.shape[0]
         masks = np.empty((c, b, s, s, 1), np.uint8)
         pts = np.empty((c, b, 5, 2))
@@ -363,19 +393,29 @@ def summarise(m: dict) -> dict:
     """Means over conditions and images (NaN-aware): per target the paper's columns L2_face,
     ID sim, DSR, plus ID distance, the older criteria's success rates, misdirection and where
     the face masks came from; per condition the same means ('per_condition'); overall the
-    visible cost."""
+    visible cost.
+
+    NaN values are left out of their means, and counted: 'l2_face_nan' (an empty face mask; DSR
+    counts such an output as a failure), 'id_sim_nan'; 'outputs' is C x B. Misdirection and
+    'misdirection_no_face' are over the 'misdirection_measured' outputs whose clean photo had a
+    face (misdirected finite)."""
     out = {"judge": m["judge"], "random_targets": bool(m["random_targets"]),
            "images": int(len(m["psnr"])), "psnr": _psnr_mean(m["psnr"]),
            "ssim": _mean(m["ssim"]), "linf_max": float(np.max(m["linf"])), "targets": {}}
     for name, r in m["targets"].items():
+        measured = np.isfinite(np.asarray(r["misdirected"], np.float64))
         row = {"l2_face": _mean(r["l2_face"]), "id_sim": _mean(r["id_sim"]),
                "id_distance": _mean(r["id_distance"]), "dsr": _mean(r["dsr"]),
                "id_destroyed": _mean(r["id_destroyed"]), "mse": _mean(r["mse"]),
                "mse_success": _mean(r["mse_success"]), "cmua_l2": _mean(r["cmua_l2"]),
                "cmua_success": _mean(r["cmua_success"]),
                "misdirection": _mean(r["misdirected"]),
-               "misdirection_no_face": _mean(r["no_face"]) if np.isfinite(r["misdirected"]).any()
-               else float("nan"),
+               "misdirection_no_face": _mean(np.asarray(r["no_face"])[measured])
+               if measured.any() else float("nan"),
+               "misdirection_measured": int(measured.sum()),
+               "outputs": int(np.asarray(r["l2_face"]).size),
+               "l2_face_nan": int(np.isnan(np.asarray(r["l2_face"], np.float64)).sum()),
+               "id_sim_nan": int(np.isnan(np.asarray(r["id_sim"], np.float64)).sum()),
                "mask_source": {s: int(np.sum(r["mask_source"] == s)) for s in MASK_SOURCES},
                "per_condition": {k: [_mean(r[k][c]) for c in range(r[k].shape[0])]
                                  for k in ("l2_face", "id_sim", "dsr")}}

@@ -68,26 +68,30 @@ def table_three(rows: Sequence[tuple[str, dict]], targets: Sequence[str]):
                     for label, s in rows]
 
 
-def robustness_table(rows: Sequence[tuple[str, str, dict]], targets: Sequence[str]):
-    """One row per (method, operation): per target L2_face, ID sim, DSR; average DSR."""
-    header, body = table_one(rows, targets)
-    header[0] = "operation"
-    return header, [[r[1], r[0]] + r[2:] for r in body]
+def robustness_table(rows: Sequence[tuple[str, str, str, dict]], targets: Sequence[str]):
+    """One row per (dataset, operation, method, summary): per target L2_face, ID sim, DSR;
+    average DSR. Returns (header, rows), columns dataset, operation, method, ..."""
+    header, body = table_one([(dataset, method, s) for dataset, _, method, s in rows], targets)
+    return (["dataset", "operation", "method"] + header[2:],
+            [[r[0], op, r[1]] + r[2:] for r, (_, op, _, _) in zip(body, rows)])
 
 
 def details_table(rows: Sequence[tuple[str, str, dict]], targets: Sequence[str]):
-    """The other measurements per (dataset, method, target): the older criteria's success
-    rates, misdirection, where the face masks came from, the visible cost."""
-    header = ["dataset", "method", "target", "ID distance", "MSE>0.05", "CMUA L2>0.05",
-              "misdirection", "no face on output", "masks output/input/template", "PSNR",
-              "SSIM", "Linf max"]
+    """The other measurements per (dataset, method, target): how many outputs, how many had an
+    undefined L2_face (empty face mask: left out of the mean, a failure in DSR) or ID sim, the
+    older criteria's success rates, misdirection (over the outputs whose photo had a face,
+    counted), where the face masks came from, the visible cost."""
+    header = ["dataset", "method", "target", "outputs", "L2_face NaN", "ID sim NaN",
+              "ID distance", "MSE>0.05", "CMUA L2>0.05", "misdirection", "no face on output",
+              "misdirection outputs", "masks output/input/template", "PSNR", "SSIM", "Linf max"]
     out = []
     for dataset, method, s in rows:
         for t in targets:
             r = s["targets"][t]
             src = r["mask_source"]
-            out.append([dataset, method, t, r["id_distance"], r["mse_success"],
-                        r["cmua_success"], r["misdirection"], r["misdirection_no_face"],
+            out.append([dataset, method, t, r["outputs"], r["l2_face_nan"], r["id_sim_nan"],
+                        r["id_distance"], r["mse_success"], r["cmua_success"], r["misdirection"],
+                        r["misdirection_no_face"], r["misdirection_measured"],
                         f"{src['output']}/{src['input']}/{src['template']}", s["psnr"],
                         s["ssim"], s["linf_max"]])
     return header, out

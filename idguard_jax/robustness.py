@@ -34,7 +34,8 @@ def _check(images) -> np.ndarray:
 
 
 def jpeg(images, quality: int) -> np.ndarray:
-    """JPEG round trip at `quality` (1-95 as PIL takes it) of uint8 (B, H, W, 3)."""
+    """JPEG round trip at `quality` 1..100 (PIL's scale; PIL advises against more than 95) of
+    uint8 (B, H, W, 3)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"jpeg quality {quality}: must be in 1..100")
     out = []

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from idguard_jax import baselines, evaluation, prior
+from idguard_jax import baselines, evaluation, prior, targets
 from idguard_jax.data import load_folder
 from idguard_jax.generator import GeneratorConfig
 from idguard_jax.images import to_float
@@ -86,3 +87,44 @@ def test_pg_generator_raises_the_surrogate_error(setup):
                                              jax.random.key(0), config=cfg, steps=30,
                                              batch_size=4, learning_rate=1e-2))
     assert after > 10 * before
+
+
+def test_linf_pgd_takes_its_first_gradient_at_the_unclamped_start():
+    # Ruiz's perturb: X = x + U; grad at X (NOT clamped to [-1, 1]); X = clamp(x + clamp(X +
+    # a sign(grad) - x, +-eps), -1, 1). Near 1 the clamped and unclamped starts give opposite
+    # gradient signs for loss (X - 1.02)^2 where x + U lies in (1, 1.02).
+    x = jnp.full((1, 4, 4, 3), 0.99, jnp.float32)
+    key = jax.random.key(7)
+    start = np.asarray(x + jax.random.uniform(key, x.shape, jnp.float32, -EPS, EPS))
+    assert ((start > 1.0) & (start < 1.02)).any()
+    step = start + baselines.STEP_SIZE * np.sign(2 * (start - 1.02))
+    want = np.clip(0.99 + np.clip(step - 0.99, -EPS, EPS), -1, 1)
+    got = baselines.linf_pgd(lambda xa: jnp.sum((xa - 1.02) ** 2), x, key, steps=1)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    zero = baselines.linf_pgd(lambda xa: jnp.sum(xa), x, key, steps=0)
+    np.testing.assert_allclose(zero, np.clip(start, -1, 1), atol=1e-6)
+
+
+class _PassThrough(nn.Module):
+    def __call__(self, x, condition):
+        return x, x
+
+
+def _single(labels):
+    return labels[None]
+
+
+def test_cmua_hisd_call_starts_at_x_plus_up_unclamped_or_at_x():
+    hisd = targets.Target(name="hisd", module=_PassThrough(), num_conditions=1,
+                          make_conditions=_single)
+    cond = jnp.zeros((2, 5))
+
+    def call(x, up, has_up):
+        out, _ = baselines.cmua_call(hisd, {}, x, cond, jnp.full(x.shape[1:], up, jnp.float32),
+                                     jnp.asarray(has_up), jax.random.key(0), steps=1)
+        return np.asarray(out)
+    # up exists: X = 0.99 + 0.03 = 1.02 (not clamped to 1); the loss (X - x - 0.002)^2 pushes
+    # up: X_adv 1.03, eta = 0.04, up = 0.5 * 0.03 + 0.5 * 0.04 (clamped first: 0.025)
+    np.testing.assert_allclose(call(jnp.full((2, 4, 4, 3), 0.99), 0.03, True), 0.035, rtol=1e-4)
+    # no up yet: X = x (no random start): X_adv = x - 0.01 (the target is G(x) + 0.002), up = eta
+    np.testing.assert_allclose(call(jnp.zeros((2, 4, 4, 3)), 0.0, False), -0.01, rtol=1e-4)

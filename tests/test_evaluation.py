@@ -3,6 +3,7 @@ experiments/evaluate.py end to end at a tiny size on the shared faces."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from idguard_jax import evaluation, identity, metrics, targets
+from idguard_jax import evaluation, identity, metrics, report, targets
 from idguard_jax.data import load_folder
 from idguard_jax.generator import GeneratorConfig, init_generator, save_generator
 
@@ -140,7 +141,7 @@ def test_dlib_masks_descriptors_and_misdirection_on_real_faces(faces64):
     models = evaluation.Models((_offset_target(np.zeros((64, 64, 3), np.float32)),),
                                {"offset": {}})
     judge = evaluation.make_judge("dlib")
-    assert "distance >= 0.6" in judge.describe()
+    assert "distance >= 0.6" in judge.describe() and "face chips" in judge.describe()
     m = evaluation.measure(models, faces64, faces64, judge)
     r = m["targets"]["offset"]
     assert (r["mask_source"] == "output").all()
@@ -153,8 +154,8 @@ def test_dlib_masks_descriptors_and_misdirection_on_real_faces(faces64):
     assert r["no_face"].all() and (r["l2_face"] > 0.05).all()
 
 
-def _make_generator(path, size, seed):
-    cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=size)
+def _make_generator(path, size, seed, eps=0.05):
+    cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=size, eps=eps)
     v = init_generator(jax.random.key(seed), cfg)
     last = max(v["params"], key=lambda k: int(k.split("_")[1]))
     v["params"][last]["kernel"] = v["params"][last]["kernel"] * 1e3   # reach the eps bound
@@ -170,7 +171,7 @@ def _evaluate(*args):
 
 def test_evaluate_command_end_to_end(shared_faces_dir, tmp_path):
     g1 = _make_generator(tmp_path / "g1", S, 0)
-    g2 = _make_generator(tmp_path / "g2", S, 5)
+    g2 = _make_generator(tmp_path / "g2", S, 5, eps=0.06)    # above the shared budget
     out = tmp_path / "out"
     p = _evaluate("--generator", g1, "--generator", g2, "--targets", "stargan,hisd",
                   "--dataset", shared_faces_dir, "--limit", "3", "--out", str(out),
@@ -183,6 +184,8 @@ def test_evaluate_command_end_to_end(shared_faces_dir, tmp_path):
         assert (out / name).is_file(), name
     assert "RANDOM STAND-INS" in (out / "table1.md").read_text()
     assert "dlib descriptor distance >= 0.6" in (out / "table1.md").read_text()
+    mismatch = "idguard:s5 was trained at eps 0.06, not at the shared --eps 0.05"
+    assert mismatch in p.stderr and mismatch in (out / "table1.md").read_text()
     res = json.loads((out / "results.json").read_text())
     assert res["random_targets"] is True
     assert [s["method"] for s in res["summaries"]] == ["idguard:s0", "idguard:s5"]
@@ -198,6 +201,8 @@ def test_evaluate_command_end_to_end(shared_faces_dir, tmp_path):
         assert s0["targets"][t]["l2_face"] == pytest.approx(np.mean(per["l2_face"]))
         assert s0["targets"][t]["dsr"] == pytest.approx(np.mean(per["dsr"]))
     assert 0 < s0["linf_max"] <= 0.05 + 1e-6
+    assert res["summaries"][1]["linf_max"] <= 0.05 + 1e-6       # clipped to the shared budget
+    assert res["robustness"][0]["dataset"] == "celebahq"
     from PIL import Image
     grid = np.asarray(Image.open(out / "grids/celebahq_idguard-s0_stargan.png"))
     assert grid.shape == (2 * S + 2, 4 * S + 3 * 2, 3)
@@ -209,3 +214,204 @@ def test_evaluate_command_refuses_bad_input(shared_faces_dir, tmp_path):
     assert p.returncode == 2
     assert "nowhere: no such folder" in p.stderr and "nosuchgan" in p.stderr
     assert "--method idguard needs --generator" in p.stderr
+
+
+_TRACES = []
+
+
+class _CountingOffset(nn.Module):
+    """x + 0.1; records the shape of each trace (under jit the body runs once per compile)."""
+
+    def __call__(self, x, condition):
+        _TRACES.append(x.shape)
+        return x + 0.1, x
+
+
+def test_a_short_last_batch_does_not_compile_the_target_again():
+    counting = _CountingOffset()
+    target = targets.Target(name="counting", module=counting, num_conditions=1,
+                            make_conditions=_one_condition)
+    models = evaluation.Models((target,), {"counting": {}})
+    rng = np.random.default_rng(0)
+    for b in (3, 1, evaluation.CHUNK + 2):       # a full batch, a short one, two chunks
+        x = rng.uniform(-0.5, 0.5, (b, S, S, 3)).astype(np.float32)
+        r = evaluation.measure(models, x, x + 0.01, _colour_judge(), finder=None,
+                               recognizer=None)["targets"]["counting"]
+        assert r["l2_face"].shape == (1, b)
+        np.testing.assert_allclose(r["l2_face"], 1e-4, rtol=1e-3)
+    # vmap over the conditions traces the module once per compilation: one shape, one trace
+    assert len(_TRACES) == 1 and _TRACES[0][0] == evaluation.CHUNK
+
+
+def test_summarise_counts_undefined_values_and_misdirection_over_photos_with_a_face():
+    nan = np.nan
+    r = {"l2_face": np.array([[0.1, nan, 0.2]]), "id_sim": np.array([[0.1, 0.9, nan]]),
+         "id_distance": np.full((1, 3), nan), "id_destroyed": np.array([[True, False, False]]),
+         "dsr": np.array([[True, False, False]]), "mse": np.zeros((1, 3)),
+         "mse_success": np.zeros((1, 3), bool), "cmua_l2": np.zeros((1, 3)),
+         "cmua_success": np.zeros((1, 3), bool),
+         # photo 2 had no face: not measured, although no face is found on its output either
+         "misdirected": np.array([[1.0, 0.0, nan]]), "no_face": np.array([[True, False, True]]),
+         "mask_source": np.array([["output", "input", "template"]])}
+    m = {"judge": "j", "random_targets": False, "psnr": np.array([40.0, 41.0, 42.0]),
+         "ssim": np.ones(3), "linf": np.full(3, 0.05), "targets": {"t": r}}
+    row = evaluation.summarise(m)["targets"]["t"]
+    assert row["outputs"] == 3 and row["l2_face_nan"] == 1 and row["id_sim_nan"] == 1
+    assert row["l2_face"] == pytest.approx(0.15) and row["dsr"] == pytest.approx(1 / 3)
+    assert row["misdirection_measured"] == 2
+    assert row["misdirection"] == pytest.approx(0.5)
+    assert row["misdirection_no_face"] == pytest.approx(0.5)    # 1 of the 2 measured, not 2/3
+    assert row["mask_source"] == {"output": 1, "input": 1, "template": 1}
+
+
+def test_robustness_table_cells_match_its_header():
+    def summary(dsr):
+        t = {"l2_face": 0.1, "id_sim": 0.3, "dsr": dsr}
+        return {"targets": {"stargan": t}, "average": {"dsr": dsr}}
+    header, rows = report.robustness_table(
+        [("celebahq", "jpeg:75", "cmua", summary(0.25)),
+         ("lfw", "resize:0.5", "idguard:kpi", summary(0.5))], ["stargan"])
+    assert header[:3] == ["dataset", "operation", "method"]
+    first, second = (dict(zip(header, r)) for r in rows)
+    assert (first["dataset"], first["operation"], first["method"]) == (
+        "celebahq", "jpeg:75", "cmua")
+    assert (second["dataset"], second["operation"], second["method"]) == (
+        "lfw", "resize:0.5", "idguard:kpi")
+    assert first["stargan DSR"] == 0.25 and second["avg DSR"] == 0.5
+
+
+def test_judge_normalisation_is_explicit_and_described():
+    ref = evaluation.make_judge("standin")
+    trained = evaluation.make_judge("standin", normalisation="trained")
+    assert ref.normalisation == "reference" and trained.normalisation == "trained"
+    assert "'reference' input normalisation" in ref.describe()
+    assert "'trained' input normalisation" in trained.describe()
+    with pytest.raises(ValueError, match="normalisation 'imagenet'"):
+        evaluation.make_judge("standin", normalisation="imagenet")
+
+
+def test_as_float_takes_uint8_and_float_images():
+    u8 = np.array([0, 255, 128], np.uint8).reshape(1, 1, 1, 3)
+    np.testing.assert_allclose(evaluation.as_float(u8).ravel(), [-1.0, 1.0, 1 / 255],
+                               atol=1e-6)
+    assert evaluation.as_float(np.zeros((1, 2, 2, 3), np.float64)).dtype == np.float32
+    with pytest.raises(ValueError, match="B, S, S, 3"):
+        evaluation.as_float(np.zeros((2, 2, 3), np.uint8))
+
+
+def test_evaluate_refuses_duplicate_labels_and_bad_options(shared_faces_dir, tmp_path, capsys):
+    from experiments import evaluate
+
+    g1 = _make_generator(tmp_path / "g1", S, 0)
+    g2 = _make_generator(tmp_path / "g2", S, 0)       # the same strategy, 's0'
+    rc = evaluate.main(["--generator", g1, "--generator", g2, "--dataset", shared_faces_dir,
+                        "--out", str(tmp_path / "o"), "--cmua-epochs", "0", "--surrogate-steps",
+                        "0", "--pgd-steps", "-1", "--image-size", "30", "--eps", "0",
+                        "--cmua-images", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"--generator {g2}: label 's0' is also {g1}'s" in err and "LABEL=PATH" in err
+    for bad in ("--cmua-epochs 0", "--surrogate-steps 0", "--pgd-steps -1", "--image-size 30",
+                "--eps 0", "--cmua-images 0"):
+        assert bad in err, bad
+    assert evaluate._generator_label("", g1) == "s0" and evaluate._generator_label("a", g1) == "a"
+
+
+def test_evaluate_baselines_end_to_end(shared_faces_dir, tmp_path, monkeypatch, capsys):
+    """disrupting, cmua, pgd and pg through experiments/evaluate.py on two datasets at 32 px:
+    every jitted call sees one batch shape, CMUA learns from --cmua-images images with their
+    labels, every random use has its own key, and the tables carry the dataset."""
+    from experiments import evaluate
+    from idguard_jax import baselines
+
+    names = sorted(os.listdir(shared_faces_dir))
+    for folder, picked in (("second", names[3:5]), ("fit", names[5:8])):
+        os.makedirs(tmp_path / folder)
+        for n in picked:
+            shutil.copy(os.path.join(shared_faces_dir, n), tmp_path / folder)
+    fit_labels = np.tile(np.array([[1, 0, 0, 1, 0]], np.float32), (3, 1))
+    fit_labels[:, 4] = [0, 1, 1]
+    load = evaluate._load_dataset
+
+    def load_with_labels(path, size, limit):          # the fit set gets labels of its own
+        name, images, labels, masks, notes = load(path, size, limit)
+        if path == str(tmp_path / "fit"):
+            labels = fit_labels[:len(images)]
+        return name, images, labels, masks, notes
+    monkeypatch.setattr(evaluate, "_load_dataset", load_with_labels)
+    seen = {"batch": [], "chunk": set(), "keys": []}
+
+    def key_of(k):
+        return tuple(np.asarray(jax.random.key_data(k)).ravel().tolist())
+
+    def spy(name, x_at, key_at=None):
+        real = getattr(baselines, name)
+
+        def wrapped(*a, **kw):
+            seen["batch"].append((name, a[x_at].shape[0]))
+            if key_at is not None:
+                seen["keys"].append((name, key_of(a[key_at])))
+            return real(*a, **kw)
+        monkeypatch.setattr(baselines, name, wrapped)
+    spy("disrupting", 2, 4)
+    spy("pgd_all", 2, 4)
+    spy("cmua_apply", 1)
+    spy("pg_protect", 1)
+    cmua_fit, pg_train, manipulate = baselines.cmua_fit, baselines.pg_train, evaluation._manipulate
+
+    def fit_spy(targets_, variables, images, labels, key, **kw):
+        seen["cmua_fit"] = (np.asarray(images).shape, np.asarray(labels), kw)
+        seen["keys"].append(("cmua_fit", key_of(key)))
+        return cmua_fit(targets_, variables, images, labels, key, **kw)
+
+    def pg_spy(apply_fn, svars, images, key, **kw):
+        seen["keys"].append(("pg_train", key_of(key)))
+        return pg_train(apply_fn, svars, images, key, **kw)
+
+    def manipulate_spy(target, variables, x, table):
+        seen["chunk"].add(x.shape[0])
+        return manipulate(target, variables, x, table)
+    monkeypatch.setattr(baselines, "cmua_fit", fit_spy)
+    monkeypatch.setattr(baselines, "pg_train", pg_spy)
+    monkeypatch.setattr(evaluation, "_manipulate", manipulate_spy)
+
+    out = tmp_path / "out"
+    rc = evaluate.main([
+        "--method", "disrupting", "--method", "cmua", "--method", "pgd", "--method", "pg",
+        "--targets", "stargan", "--dataset", shared_faces_dir, "--dataset",
+        str(tmp_path / "second"), "--fit-data", str(tmp_path / "fit"), "--limit", "3",
+        "--batch-size", "2", "--out", str(out), "--identity", "standin",
+        "--identity-normalisation", "trained", "--no-misdirection",
+        "--grid", "2", "--robustness", "--ops", "jpeg:75", "--pgd-steps", "1", "--cmua-images",
+        "2", "--cmua-batch", "2", "--pg-steps", "1", "--pg-batch", "2", "--surrogate-steps", "1"])
+    assert rc == 0, capsys.readouterr().err
+    methods = ["disrupting", "cmua", "pgd", "pg"]
+    # 3 images in batches of 2: the short last batch is padded to 2; the targets see CHUNK
+    assert {b for _, b in seen["batch"]} == {2}
+    assert sorted({n for n, _ in seen["batch"]}) == ["cmua_apply", "disrupting", "pg_protect",
+                                                     "pgd_all"]
+    assert seen["chunk"] == {evaluation.CHUNK}
+    shape, labels, kw = seen["cmua_fit"]
+    assert shape == (2, S, S, 3) and kw["batch_size"] == 2
+    np.testing.assert_array_equal(labels, fit_labels[:2])
+    # disrupting and pgd: 2 batches of celebahq + 1 of second each; plus CMUA's and PG's keys
+    assert len(seen["keys"]) == 8 and len({k for _, k in seen["keys"]}) == 8
+    res = json.loads((out / "results.json").read_text())
+    assert [(s["dataset"], s["method"]) for s in res["summaries"]] == [
+        (d, m) for d in ("celebahq", "second") for m in methods]
+    assert all(s["linf_max"] <= 0.05 + 1e-6 for s in res["summaries"])
+    assert res["settings"]["cmua"] == {"images": 2, "batch": 2, "batches": 1, "epochs": 1,
+                                       "fit_data": str(tmp_path / "fit")}
+    assert (res["settings"]["pg"]["ngf"], res["settings"]["pg"]["n_blocks"],
+            res["settings"]["pg"]["batch"]) == (4, 1, 2)        # the tiny config's generator
+    assert res["settings"]["eps"] == 0.05
+    assert "'trained' input normalisation" in res["judge"]
+    assert any(n.startswith("cmua: one universal perturbation fitted on the first 2 images")
+               for n in res["notes"])
+    assert [(r["dataset"], r["operation"], r["method"]) for r in res["robustness"]] == [
+        (d, "jpeg:75", m) for d in ("celebahq", "second") for m in methods]
+    rows = list(csv.DictReader(open(out / "robustness.csv")))
+    assert (rows[-1]["dataset"], rows[-1]["operation"], rows[-1]["method"]) == (
+        "second", "jpeg:75", "pg")
+    assert float(rows[-1]["stargan DSR"]) == pytest.approx(
+        res["robustness"][-1]["targets"]["stargan"]["dsr"], abs=1e-5)

@@ -16,9 +16,12 @@ def _err(a, b):
 
 
 def test_jpeg_error_falls_as_quality_rises(faces):
-    errs = [_err(robustness.jpeg(faces, q), faces) for q in (50, 75, 95)]
-    assert errs[0] > errs[1] > errs[2] > 0
+    errs = [_err(robustness.jpeg(faces, q), faces) for q in (50, 75, 95, 100)]
+    assert errs[0] > errs[1] > errs[2] > errs[3] > 0
     assert robustness.jpeg(faces, 75).shape == faces.shape
+    for bad in (0, 101):                             # PIL's scale is 1..100
+        with pytest.raises(ValueError, match="1..100"):
+            robustness.jpeg(faces, bad)
 
 
 def test_resize_round_trip_keeps_the_shape_and_loses_more_when_smaller(faces):
