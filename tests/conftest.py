@@ -24,3 +24,20 @@ def shared_photos_dir():
     if not os.path.isdir(path):
         pytest.fail(f"{path}: the shared test photos are missing (expected beside the repo)")
     return path
+
+
+def save_bounded_generator(path, image_size: int, eps: float = 0.05) -> str:
+    """A tiny generator (ngf 4, 1 block) saved at `path` whose perturbation reaches the eps
+    bound: an untrained generator's output is ~1e-4, so its last conv is scaled by 1e3, and its
+    delta_p (0.1 x N(0, 1)) lies beyond eps, so the clamping is exercised."""
+    import jax
+
+    from idguard_jax.generator import GeneratorConfig, init_generator, save_generator
+
+    cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=image_size, eps=eps)
+    variables = init_generator(jax.random.key(0), cfg)
+    last = max(variables["params"], key=lambda k: int(k.split("_")[1]))
+    variables["params"][last]["kernel"] = variables["params"][last]["kernel"] * 1e3
+    delta_p = 0.1 * jax.random.normal(jax.random.key(1), (image_size, image_size, 3))
+    save_generator(path, variables, delta_p, cfg)
+    return str(path)

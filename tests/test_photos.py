@@ -6,14 +6,13 @@ import os
 import pathlib
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import save_bounded_generator
 from experiments import protect as cli
 from idguard_jax import photos, protect
-from idguard_jax.generator import GeneratorConfig, init_generator, save_generator
 from idguard_jax.images import orient, read_photo, unorient
 
 pytest.importorskip("dlib")
@@ -23,13 +22,7 @@ EPS_LEVELS = int(0.05 * 127.5)   # 6 grey levels
 @pytest.fixture(scope="module")
 def generator_dir(tmp_path_factory):
     """A tiny generator (64 px frame) whose perturbation reaches the eps bound."""
-    cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=64)
-    variables = init_generator(jax.random.key(0), cfg)
-    last = max(variables["params"], key=lambda k: int(k.split("_")[1]))
-    variables["params"][last]["kernel"] = variables["params"][last]["kernel"] * 1e3
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    save_generator(path, variables, 0.1 * jax.random.normal(jax.random.key(1), (64, 64, 3)), cfg)
-    return str(path)
+    return save_bounded_generator(tmp_path_factory.mktemp("gen") / "generator", 64)
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,15 @@
 """Batch protection: bounded, per-image, any batch size without a compile per size."""
-import jax
 import numpy as np
 import pytest
 
+from conftest import save_bounded_generator
 from idguard_jax import protect
-from idguard_jax.generator import GeneratorConfig, init_generator, load_generator, perturb, save_generator
+from idguard_jax.generator import load_generator, perturb
 
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
-    cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=32)
-    variables = init_generator(jax.random.key(0), cfg)
-    # An untrained generator's output is ~1e-4; scale its last conv so the perturbation reaches
-    # the eps bound and the clamping is exercised.
-    last = max(variables["params"], key=lambda k: int(k.split("_")[1]))
-    variables["params"][last]["kernel"] = variables["params"][last]["kernel"] * 1e3
-    delta_p = 0.1 * jax.random.normal(jax.random.key(1), (32, 32, 3))   # beyond eps: clamped
-    path = tmp_path_factory.mktemp("gen") / "generator"
-    save_generator(path, variables, delta_p, cfg)
-    return protect.load(path)
+    return protect.load(save_bounded_generator(tmp_path_factory.mktemp("gen") / "generator", 32))
 
 
 def _faces(n, seed=0):
