@@ -1,19 +1,54 @@
-"""Time the train step and batch protection; print figures, assert nothing.
+"""Benchmarks of the train step, batch protection and the targets; a memory report; ablations.
 
-    python experiments/bench.py --tiny                       # CPU, seconds
-    python experiments/bench.py --strategies kpi,mgda --dtypes float32,bfloat16   # GPU, 256 px
+    # CI / CPU smoke test (32 px, tiny random networks; about a minute on 2 cores):
+    python experiments/bench.py --tiny --targets stargan --json bench_tiny.json
+    # CPU at the demo size (64 px, batch 4, the five demo-width targets), with the saving of each
+    # optimisation (experiments/ablations.py) and the memory report:
+    python experiments/bench.py --size demo --strategies kpi --ablations --json bench_demo.json
+    # GPU, the paper's size: 256 px, batch 32, official StarGAN, AttentionGAN, Fixed-Point GAN,
+    # RelGAN and HiSD, bfloat16 compute (float32 master weights), ArcFace-sized identity network;
+    # the compilation cache makes a second run skip compiling:
+    JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache python experiments/bench.py --size paper \
+        --dtypes bfloat16 --strategies kpi,mgda --protect-batches 32,256,1024 \
+        --memory-batches 8,16 --json bench_gpu.json
+    # ... and the savings of each optimisation there (slow: eight step compilations):
+    JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache python experiments/bench.py --size paper \
+        --dtypes bfloat16 --strategies kpi --ablations --skip train,protect,target,memory
 
-For each (strategy, dtype): compile time, median step time over repeats after warm-up
-(device-synchronised), images/s, FLOPs per step from XLA's cost analysis, achieved FLOP/s, and
-peak device memory where the backend reports it. Targets are the official architectures with
-RANDOM weights (speed does not depend on the values). One JSON line per measurement, also
-written to --json.
+Every timing is the median (and the minimum, step_s_min) over --repeats calls after --warmup
+calls, each call synchronised with jax.block_until_ready. Per measurement (JSON records, key
+'bench'):
+
+  train_step  per (dtype, strategy): lower_s and compile_s (tracing+lowering, XLA compilation),
+              step_s, images_per_s, flops_per_step (XLA's cost analysis of the lowered program:
+              the model's FLOPs), flops_per_s (achieved), compiled_flops_per_step (of the
+              optimised program; misses library-call convolutions on GPU), peak_memory_bytes
+              (the device allocator's peak so far; null where the backend keeps no statistics,
+              e.g. CPU), program_memory (the compiled program's memory analysis: argument,
+              output, alias, temp, generated-code bytes)
+  protect     per batch size: the same fields for one protection call (eval-mode generator)
+  target      per target: one forward + backward (gradient w.r.t. the input image) of that target
+              alone at the step's batch of 2B images ([x_adv; x_pri]), condition 0
+  memory      the step compiled (not run) at each of --memory-batches: bytes = a + b * batch
+              fitted by least squares to argument + output - alias + temp + code bytes, and the
+              largest batch that fits each of --memory-gib, using --mem-fraction of the card
+              (JAX's default preallocation is 75%: XLA_PYTHON_CLIENT_MEM_FRACTION) less a
+              --margin safety margin. On CPU the figures are XLA:CPU's buffer assignment; run
+              on the GPU for the GPU's.
+  ablation    with --ablations: the step with each waste of the reference put back
+              (experiments/ablations.py; same losses and gradients), its step_s and the ratio to
+              ours (median and minimum), timed in the same process round-robin (one call of
+              each variant per round) so that a shared machine's load falls on all alike.
+
+Targets, the generator and the identity network carry RANDOM weights (speed does not depend on
+the values; 'auto' identity becomes an ArcFace-sized random network). Nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -22,9 +57,11 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+MEMORY_GIB = (16, 24, 40, 80, 141)
+
 
 def _flops(lowered) -> float | None:
-    """Model FLOPs of one step from the LOWERED (pre-optimisation) HLO.
+    """Model FLOPs of one call from the LOWERED (pre-optimisation) HLO.
 
     The compiled program's cost analysis on GPU omits convolutions that became cuDNN custom
     calls (it reported ~0.2 TFLOP for a ~50 TFLOP step on an H200), so count before lowering
@@ -35,7 +72,30 @@ def _flops(lowered) -> float | None:
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return float(cost.get("flops", 0.0)) or None
+    return float((cost or {}).get("flops", 0.0)) or None
+
+
+def _compiled_flops(compiled) -> float | None:
+    """FLOPs of the optimised program (after XLA's CSE and dead-code elimination). Reliable on
+    CPU; on GPU it misses convolutions lowered to library calls (see _flops)."""
+    return _flops(compiled)
+
+
+def program_memory(compiled) -> dict | None:
+    """The compiled program's memory analysis in bytes, plus 'total' = what it needs resident:
+    arguments + outputs - aliased (donated) + temporaries + generated code. None if the backend
+    gives none."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None
+    if m is None:
+        return None
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out["total"] = (out["argument"] + out["output"] - out["alias"] + out["temp"]
+                    + out["generated_code"])
+    return out
 
 
 def _peak_memory(device) -> int | None:
@@ -43,78 +103,296 @@ def _peak_memory(device) -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def _time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def prepare(jitted, args: tuple, carry_first: bool = False) -> tuple[dict, object]:
+    """Lower and compile `jitted(*args)`: (compile record, a synchronised call).
 
-
-def bench_train(cfg, repeats: int, warmup: int) -> dict:
+    carry_first: the call returns (new first argument, rest) and donates its first argument
+    (the train step): each call feeds the next.
+    """
     import jax
+
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    holder = list(args)
+
+    def call():
+        out = compiled(*holder)
+        if carry_first:
+            holder[0] = out[0]
+        jax.block_until_ready(out)
+
+    return {"lower_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3),
+            "flops_per_step": _flops(lowered), "compiled_flops_per_step": _compiled_flops(compiled),
+            "program_memory": program_memory(compiled)}, call
+
+
+def _timed(record: dict, times: list[float], images: int) -> dict:
+    import jax
+
+    step_s = statistics.median(times)
+    flops = record["flops_per_step"]
+    return {**record, "step_s": round(step_s, 6), "step_s_min": round(min(times), 6),
+            "images_per_s": round(images / step_s, 2),
+            "flops_per_s": flops / step_s if flops else None,
+            "peak_memory_bytes": _peak_memory(jax.devices()[0])}
+
+
+def measure(jitted, args: tuple, images: int, repeats: int, warmup: int,
+            carry_first: bool = False) -> dict:
+    """Lower, compile and time `jitted(*args)` (see prepare); images: images per call."""
+    record, call = prepare(jitted, args, carry_first)
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(max(repeats, 1)):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return _timed(record, times, images)
+
+
+def random_batch(cfg, batch_size: int | None = None, seed: int = 0) -> dict:
+    """A host batch of random images, masks, heatmaps and labels at cfg's size."""
     import numpy as np
+
+    rng = np.random.default_rng(seed)
+    s, b = cfg.image_size, batch_size or cfg.batch_size
+    return {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+            "mask": (rng.random((b, s, s, 1)) > 0.5).astype(np.uint8),
+            "heatmap": rng.random((b, s, s, 1)).astype(np.float32),
+            "labels": rng.integers(0, 2, (b, 5)).astype(np.float32)}
+
+
+def _train_inputs(cfg):
+    import jax
 
     from idguard_jax import train
 
     setup = train.create_setup(cfg)
     state = train.init_state(setup, jax.random.key(0))
     frozen = train.init_frozen_random(setup, jax.random.key(1))
-    rng = np.random.default_rng(0)
-    s, b = cfg.image_size, cfg.batch_size
-    batch = jax.device_put({
-        "image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-        "mask": (rng.random((b, s, s, 1)) > 0.5).astype(np.uint8),
-        "heatmap": rng.random((b, s, s, 1)).astype(np.float32),
-        "labels": rng.integers(0, 2, (b, 5)).astype(np.float32)})
-    step = train.make_train_step(setup)
-    t0 = time.perf_counter()
-    lowered = step.lower(state, batch, frozen)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    flops = _flops(lowered)
-    holder = {"state": state}
-
-    def run():
-        holder["state"], m = compiled(holder["state"], batch, frozen)
-        jax.block_until_ready(m)
-
-    for _ in range(warmup):
-        run()
-    step_s = _time(run, repeats)
-    out = {"bench": "train_step", "strategy": cfg.strategy, "dtype": cfg.dtype,
-           "image_size": s, "batch_size": b, "targets": list(cfg.targets),
-           "compile_s": round(compile_s, 2), "step_s": round(step_s, 5),
-           "images_per_s": round(b / step_s, 2), "flops_per_step": flops,
-           "tflops_per_s": round(flops / step_s / 1e12, 2) if flops else None,
-           "peak_memory_gb": None}
-    peak = _peak_memory(jax.devices()[0])
-    if peak:
-        out["peak_memory_gb"] = round(peak / 2**30, 2)
-    return out
+    return setup, state, frozen
 
 
-def bench_protect(image_size: int, ngf: int, n_blocks: int, batch: int, repeats: int) -> dict:
+def bench_train(cfg, repeats: int, warmup: int, setup_state_frozen=None) -> dict:
     import jax
+
+    from idguard_jax import train
+
+    setup, state, frozen = setup_state_frozen or _train_inputs(cfg)
+    batch = jax.device_put(random_batch(cfg))
+    r = measure(train.make_train_step(setup), (state, batch, frozen), cfg.batch_size,
+                repeats, warmup, carry_first=True)
+    return {"bench": "train_step", "strategy": cfg.strategy, "dtype": cfg.dtype,
+            "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+            "targets": list(cfg.targets), **r}
+
+
+def bench_protect(cfg, batch: int, repeats: int, warmup: int) -> dict:
+    """One protection call (eval-mode generator). float32 runs the library's protect_float; a
+    bfloat16 compute dtype runs the same perturbation with a bfloat16 generator."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from idguard_jax import protect
-    from idguard_jax.generator import GeneratorConfig, init_generator
+    from idguard_jax.generator import init_generator, perturb
+    from idguard_jax.train import compute_dtype
 
-    cfg = GeneratorConfig(ngf=ngf, n_blocks=n_blocks, image_size=image_size)
-    gen = protect.Generator(init_generator(jax.random.key(0), cfg),
-                            jax.numpy.zeros((image_size, image_size, 3)), cfg)
-    x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (batch, image_size, image_size, 3))
+    gcfg = cfg.generator
+    variables = init_generator(jax.random.key(0), gcfg)
+    delta_p = jnp.zeros((gcfg.image_size, gcfg.image_size, 3), jnp.float32)
+    x = jax.device_put(np.random.default_rng(0).uniform(
+        -1, 1, (batch, gcfg.image_size, gcfg.image_size, 3)).astype(np.float32))
+    if cfg.dtype == "float32":
+        fn = functools.partial(protect.protect_float, config=gcfg, eps=gcfg.eps)
+        fn = jax.jit(fn)
+    else:
+        module = gcfg.module(compute_dtype(cfg.dtype))
+        fn = jax.jit(lambda v, d, xs: perturb(module, v, d, xs, gcfg.eps, train=False)[0])
+    r = measure(fn, (variables, delta_p, x), batch, repeats, warmup)
+    return {"bench": "protect", "dtype": cfg.dtype, "image_size": gcfg.image_size,
+            "batch_size": batch, **r}
+
+
+def bench_target(cfg, name: str, repeats: int, warmup: int) -> dict:
+    """Forward + backward (gradient w.r.t. the images) of one target alone, 2B images."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from idguard_jax import targets
+    from idguard_jax.train import compute_dtype
+
+    size_cfg = targets.size_config(name, cfg.target_size)
+    target, tvars = targets.init_random(name, jax.random.key(1), cfg.image_size, size_cfg,
+                                        compute_dtype(cfg.dtype))
+    b = 2 * cfg.batch_size
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.uniform(-1, 1, (b, cfg.image_size, cfg.image_size, 3))
                        .astype(np.float32))
+    cond = target.select(target.conditions(jnp.asarray(rng.integers(0, 2, (b, 5)), jnp.float32)), 0)
 
-    def run():
-        jax.block_until_ready(protect.protect_float(gen.variables, gen.delta_p, x,
-                                                    config=cfg, eps=cfg.eps))
-    run()
-    t = _time(run, repeats)
-    return {"bench": "protect", "image_size": image_size, "batch_size": batch,
-            "batch_s": round(t, 5), "images_per_s": round(batch / t, 1)}
+    def loss(tv, xs, c):
+        out, feat = target.forward(tv, xs, c)
+        return jnp.mean(jnp.square(out)) + jnp.mean(jnp.square(feat))
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=1))
+    r = measure(fn, (tvars, x, cond), b, repeats, warmup)
+    return {"bench": "target", "target": name, "dtype": cfg.dtype, "target_size": cfg.target_size,
+            "image_size": cfg.image_size, "batch_size": b, **r}
+
+
+def fit_memory(batches, totals) -> tuple[float, float]:
+    """Least-squares a, b of bytes = a + b * batch over two or more (batch, bytes) points."""
+    n = len(batches)
+    if n < 2 or len(set(batches)) < 2:
+        raise ValueError("fit_memory: need two or more distinct batch sizes")
+    mx, my = sum(batches) / n, sum(totals) / n
+    b = (sum((x - mx) * (y - my) for x, y in zip(batches, totals))
+         / sum((x - mx) ** 2 for x in batches))
+    return my - b * mx, b
+
+
+def largest_batch(a: float, b: float, gib: float, fraction: float, margin: float) -> int:
+    """The largest batch with a + b * batch <= gib GiB * fraction * (1 - margin); 0 if none."""
+    usable = gib * 2**30 * fraction * (1.0 - margin)
+    if b <= 0:
+        return 0 if a > usable else -1   # -1: memory does not grow with the batch
+    return max(0, math.floor((usable - a) / b))
+
+
+def bench_memory(cfg, batches, gib_sizes, fraction: float, margin: float) -> dict:
+    """Compile the step at each batch size (nothing runs) and fit bytes = a + b * batch."""
+    import jax
+
+    from idguard_jax import train
+
+    setup, state, frozen = _train_inputs(cfg)
+    step = train.make_train_step(setup)
+    points = []
+    for b in batches:
+        batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                             random_batch(cfg, b))
+        t = time.perf_counter()
+        mem = program_memory(step.lower(state, batch, frozen).compile())
+        points.append({"batch_size": b, "compile_s": round(time.perf_counter() - t, 3),
+                       "program_memory": mem})
+    out = {"bench": "memory", "strategy": cfg.strategy, "dtype": cfg.dtype,
+           "image_size": cfg.image_size, "targets": list(cfg.targets), "points": points,
+           "mem_fraction": fraction, "margin": margin, "a_bytes": None, "b_bytes_per_image": None,
+           "largest_batch": None}
+    if all(p["program_memory"] for p in points) and len(points) >= 2:
+        a, b = fit_memory([p["batch_size"] for p in points],
+                          [p["program_memory"]["total"] for p in points])
+        out.update(a_bytes=a, b_bytes_per_image=b,
+                   largest_batch={str(g): largest_batch(a, b, float(g), fraction, margin)
+                                  for g in gib_sizes})
+    return out
+
+
+def bench_ablations(cfg, repeats: int, warmup: int, vgg_widths: str,
+                    only: list[str] | None = None) -> list[dict]:
+    """Our step (the library's) and, in the same process, each reference waste put back
+    (ablations.py), then all of them at once ('reference'); `only`: just these wastes."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import ablations
+    from idguard_jax import identity, train
+    from idguard_jax.random_init import random_variables
+    from ports.vggface import VGGFace
+
+    setup, state0, frozen = _train_inputs(cfg)
+    vgg_cfg = (identity.IDENTITY_NETS["vggface"].default_config if vgg_widths == "official"
+               else {"widths": (4, 4, 8, 8, 8), "fc_width": 16, "num_classes": 10})
+    vgg = VGGFace(**vgg_cfg)
+    vvars = random_variables(jax.eval_shape(vgg.init, jax.random.key(0), jax.ShapeDtypeStruct(
+        (1, 224, 224, 3), jnp.float32)), jax.random.key(3))
+    frozen = {**frozen, "vggface": vvars}
+    batch = jax.device_put(random_batch(cfg))
+    wastes_here = ablations.applicable(cfg.strategy, cfg.mgda_gradients)
+    unknown = set(only or ()) - set(wastes_here)
+    if unknown:
+        raise ValueError(f"--ablations: {sorted(unknown)} not among {', '.join(wastes_here)}")
+    variants = [("ours", frozenset())]
+    variants += [(w, frozenset([w])) for w in (only or wastes_here)]
+    if not only:
+        variants.append(("reference", frozenset(wastes_here)))
+    # Compile every variant, then time them round-robin, so that load from other processes on
+    # a shared machine falls on all of them alike.
+    prepared = []
+    for name, wastes in variants:
+        state = jax.tree.map(lambda a: a.copy(), state0)   # donated by the step
+        step = ablations.make_step(setup, wastes, vgg) if wastes else train.make_train_step(setup)
+        record, call = prepare(step, (state, batch, frozen), carry_first=True)
+        for _ in range(warmup):
+            call()
+        prepared.append((name, wastes, record, call, []))
+    for _ in range(max(repeats, 1)):
+        for *_, call, times in prepared:
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+    out = []
+    for name, wastes, record, _, times in prepared:
+        r = _timed(record, times, cfg.batch_size)
+        if not out:
+            ours = r
+        out.append({"bench": "ablation", "variant": name, "wastes": sorted(wastes),
+                    "strategy": cfg.strategy, "dtype": cfg.dtype, "image_size": cfg.image_size,
+                    "batch_size": cfg.batch_size, "targets": list(cfg.targets),
+                    "vggface": vgg_widths, **r,
+                    "time_vs_ours": round(r["step_s"] / ours["step_s"], 3),
+                    "min_time_vs_ours": round(r["step_s_min"] / ours["step_s_min"], 3)})
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="train-step, protection and target benchmarks",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("tiny", "demo", "paper"), default="paper",
+                   help="tiny: 32 px, batch 2, tiny targets (CI); demo: 64 px, batch 4, demo "
+                   "targets (CPU); paper: 256 px, batch 32, official targets (GPU)")
+    p.add_argument("--tiny", action="store_const", const="tiny", dest="size",
+                   help="the same as --size tiny")
+    p.add_argument("--strategies", default="kpi,mgda")
+    p.add_argument("--dtypes", default="float32", help="compute dtypes, e.g. float32,bfloat16")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--targets", default=None, help="comma-separated (default: the five)")
+    p.add_argument("--identity", default=None,
+                   help="identity network of the loss, random weights (default: the size's; "
+                   "'arcface' at --size paper)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--protect-batches", default=None,
+                   help="comma-separated batch sizes (default: the train batch and 8x it)")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: train, "
+                   "protect, target, memory (e.g. --skip train,protect,target for the memory "
+                   "report alone: it compiles and never runs the step)")
+    p.add_argument("--memory-batches", default=None,
+                   help="batch sizes to compile for the memory fit (default: B/2 and B; '' skips)")
+    p.add_argument("--memory-gib", default=",".join(map(str, MEMORY_GIB)))
+    p.add_argument("--mem-fraction", type=float,
+                   default=float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)),
+                   help="part of the card JAX may allocate (default: its 0.75 preallocation)")
+    p.add_argument("--margin", type=float, default=0.10,
+                   help="safety margin taken off the usable memory (fragmentation, workspaces)")
+    p.add_argument("--ablations", nargs="?", const="all", default=None, metavar="WASTES",
+                   help="also time each reference waste put back (experiments/ablations.py), "
+                   "and all of them at once; or only the comma-separated WASTES")
+    p.add_argument("--ablation-vggface", choices=("official", "tiny"), default=None,
+                   help="VGGFace of the gradcam ablation (default: tiny at --size tiny)")
+    p.add_argument("--loader", default=None, metavar="CACHE",
+                   help="also time the data loader on this cache (experiments/prepare.py)")
+    p.add_argument("--json", default=None, help="also write all results to this file")
+    return p
 
 
 def bench_loader(cache: str, batch: int, steps: int) -> dict:
@@ -131,52 +409,82 @@ def bench_loader(cache: str, batch: int, steps: int) -> dict:
             "batch_size": sampler.batch_size, "images_per_s": round(n / dt, 1)}
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="train-step and protection benchmarks")
-    p.add_argument("--tiny", action="store_true", help="CPU-sized: demo widths at 64 px, batch 4")
-    p.add_argument("--strategies", default="kpi,mgda")
-    p.add_argument("--dtypes", default="float32")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--targets", default="stargan,aggan,fpgan")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--protect-batches", default="32,256")
-    p.add_argument("--loader", default=None, metavar="CACHE",
-                   help="also time the data loader on this cache (experiments/prepare.py)")
-    p.add_argument("--json", default=None, help="also write all results to this file")
+    p = _parser()
     args = p.parse_args(argv)
 
     import jax
 
     from idguard_jax import config
 
-    base = config.demo() if args.tiny else config.paper()
-    over = {"targets": tuple(args.targets.split(","))}
-    if base.identity == "auto":       # speed only: a random ArcFace-sized identity network
+    base = {"tiny": config.tiny, "demo": config.demo, "paper": config.paper}[args.size]()
+    over = {}
+    if args.targets:
+        over["targets"] = tuple(args.targets.split(","))
+    if args.identity:
+        over["identity"], over["identity_config"] = args.identity, ()
+    elif base.identity == "auto":     # speed only: a random ArcFace-sized identity network
         over["identity"] = "arcface"
     if args.batch_size:
         over["batch_size"] = args.batch_size
     if args.image_size:
         over["image_size"] = args.image_size
     base = dataclasses.replace(base, **over)
-    results = [{"bench": "device", "device": str(jax.devices()[0]),
-                "kind": jax.devices()[0].device_kind, "count": len(jax.devices())}]
+    b = base.batch_size
+    protect_batches = (_ints(args.protect_batches) if args.protect_batches is not None
+                       else [b, 8 * b])
+    memory_batches = (_ints(args.memory_batches) if args.memory_batches is not None
+                      else sorted({max(1, b // 2), b}))
+    dev = jax.devices()[0]
+    results = [{"bench": "device", "device": str(dev), "kind": dev.device_kind,
+                "platform": dev.platform, "count": len(jax.devices()),
+                "jax": jax.__version__, "size": args.size}]
+
+    def emit(r):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
     print(json.dumps(results[0]), flush=True)
-    for dtype in args.dtypes.split(","):
-        for strategy in args.strategies.split(","):
-            cfg = dataclasses.replace(base, strategy=strategy, dtype=dtype)
-            r = bench_train(cfg, args.repeats, args.warmup)
-            results.append(r)
-            print(json.dumps(r), flush=True)
-    for b in (int(x) for x in args.protect_batches.split(",") if x):
-        r = bench_protect(base.image_size, base.ngf, base.n_blocks, b, args.repeats)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    dtypes, strategies = args.dtypes.split(","), args.strategies.split(",")
+    skip = set(args.skip.split(",")) - {""}
+    unknown = skip - {"train", "protect", "target", "memory"}
+    if unknown:
+        p.error(f"--skip: unknown sections {sorted(unknown)}")
+    for dtype in dtypes:
+        if "train" not in skip:
+            for strategy in strategies:
+                emit(bench_train(dataclasses.replace(base, strategy=strategy, dtype=dtype),
+                                 args.repeats, args.warmup))
+        cfg = dataclasses.replace(base, dtype=dtype)
+        if "protect" not in skip:
+            for pb in protect_batches:
+                emit(bench_protect(cfg, pb, args.repeats, args.warmup))
+        if "target" not in skip:
+            for name in base.targets:
+                emit(bench_target(cfg, name, args.repeats, args.warmup))
+    first = dataclasses.replace(base, strategy=strategies[0], dtype=dtypes[0])
+    if "memory" not in skip and len(memory_batches) >= 2:
+        emit(bench_memory(first, memory_batches, [g.strip() for g in args.memory_gib.split(",")],
+                          args.mem_fraction, args.margin))
+    if args.ablations:
+        vgg = args.ablation_vggface or ("tiny" if args.size == "tiny" else "official")
+        only = None if args.ablations == "all" else args.ablations.split(",")
+        for r in bench_ablations(first, args.repeats, args.warmup, vgg, only):
+            emit(r)
     if args.loader:
-        r = bench_loader(args.loader, base.batch_size, 200)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+        emit(bench_loader(args.loader, base.batch_size, 200))
+    for r in results:
+        if r["bench"] == "memory" and r["largest_batch"]:
+            print(f"memory ({r['strategy']}, {r['dtype']}, {r['image_size']} px): "
+                  f"{r['a_bytes'] / 2**30:.3f} GiB + {r['b_bytes_per_image'] / 2**20:.2f} MiB "
+                  f"per image; largest batch at {r['mem_fraction']:.0%} of the card less "
+                  f"{r['margin']:.0%}: " + ", ".join(f"{g} GiB: {n}" for g, n in
+                                                      r["largest_batch"].items()),
+                  file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -2,6 +2,9 @@
 
     python experiments/train.py --config=demo                 # a few CPU minutes, random targets
     python experiments/train.py --strategy=kpi --weights weights/ --data FACES_DIR --prior PRIOR
+    # several hosts: the same command in each, with a shared --workdir
+    python experiments/train.py --distributed --coordinator HOST0:1234 --num-processes 2 \
+        --process-id I --workdir /shared/run ...
 
 The paper's configuration (the default) needs converted target weights (convert/convert.py) and
 face images; it says exactly what is missing. `--config=demo` runs on any machine with small
@@ -44,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any TrainConfig field, e.g. --set batch_size=8 --set dtype=bfloat16")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: run this same command in every process (shared --workdir); "
+                   "the cluster is detected (SLURM, MPI, TPU) or given by the three flags below")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="with --distributed: process 0's address")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     return p
 
 
@@ -54,6 +64,9 @@ def _fail(msg: str) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.distributed:   # before any other JAX work
+        from idguard_jax.runner import initialize_distributed
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from idguard_jax import config as config_lib
 
     try:

@@ -3,6 +3,13 @@
 Metrics: one JSON line per logged step on stdout and in WORKDIR/metrics.jsonl. Checkpoints: every
 `checkpoint_every` steps and at the end, in WORKDIR/checkpoints (Orbax). The trained generator
 (with its delta_p) is exported as a bundle to WORKDIR/generator for `idguard_jax.protect`.
+
+Devices: the batch axis is split over a 1-D mesh of every device of every process; the state
+and frozen weights are replicated. Several hosts (processes) run the same program: call
+`initialize_distributed` in each before any other JAX work, then `fit` as usual. Each process
+then reads only its own rows of every global batch (the rows its devices hold) and the step
+sees one global batch; WORKDIR must be shared by all processes (Orbax writes checkpoints
+together); process 0 alone logs and writes metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -25,30 +32,73 @@ from idguard_jax.generator import save_generator
 from idguard_jax.progress import Progress
 from idguard_jax.train import TrainState, create_setup, init_state, make_train_step
 
-__all__ = ["fit", "data_mesh", "shard_batch", "replicate"]
+__all__ = ["fit", "data_mesh", "shard_batch", "replicate", "process_rows",
+           "initialize_distributed"]
 
 # Fields that must agree between a run and the checkpoint it resumes.
 _RESUME_FIELDS = ("image_size", "batch_size", "ngf", "n_blocks", "eps", "targets", "strategy",
                   "seed", "identity", "dtype")
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """jax.distributed.initialize for a multi-host run; call it first, in every process.
+
+    Without arguments JAX detects the cluster (SLURM, Open MPI, TPU pods, ...); otherwise give
+    coordinator 'host:port' (process 0's address), num_processes and this process's id. CPU
+    devices exchange data through gloo (XLA:CPU has no collectives of its own across hosts).
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named 'data' over the given (default: all local) devices."""
-    devices = jax.local_devices() if devices is None else devices
+    """A 1-D mesh named 'data' over the given devices (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("data",))
 
 
-def shard_batch(mesh: Mesh, batch: dict) -> dict:
-    """Split the batch axis over the mesh (the global batch stays one logical array)."""
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch that this process's devices hold on the 'data' axis."""
+    index_map = NamedSharding(mesh, P("data")).addressable_devices_indices_map((global_batch,))
+    rows = sorted({(ix[0].start or 0, global_batch if ix[0].stop is None else ix[0].stop)
+                   for ix in index_map.values()})
+    lo, hi = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != hi - lo:
+        raise ValueError(f"this process's devices hold non-contiguous rows {rows} of the batch")
+    return slice(lo, hi)
+
+
+def shard_batch(mesh: Mesh, batch: dict, global_batch: int | None = None) -> dict:
+    """Split the batch axis over the mesh (the global batch stays one logical array).
+
+    One process: `batch` is the global batch. Several: `batch` is this process's rows
+    (process_rows) of a global batch of `global_batch` rows."""
     n = mesh.devices.size
     b = len(next(iter(batch.values())))
-    if b % n:
-        raise ValueError(f"batch size {b} is not divisible by the {n} devices")
-    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+    global_batch = b if global_batch is None else global_batch
+    if global_batch % n:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {n} devices")
+    sharding = NamedSharding(mesh, P("data"))
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        sharding, np.asarray(a), (global_batch,) + np.shape(a)[1:]), batch)
 
 
 def replicate(mesh: Mesh, tree):
+    """The same value on every device (every process must pass the same value)."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+class _Rows:
+    """A sampler's batches cut to this process's rows (multi-host: each reads only its own)."""
+
+    def __init__(self, sampler: BatchSampler, rows: slice):
+        self.sampler, self.rows = sampler, rows
+
+    def indices(self, step: int) -> np.ndarray:
+        return self.sampler.indices(step)[self.rows]
 
 
 def _scalars(metrics: dict) -> dict:
@@ -58,8 +108,14 @@ def _scalars(metrics: dict) -> dict:
 def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume: bool = False,
         delta_p=None, devices=None, log: Callable[[str], None] | None = None,
         progress: bool = True) -> TrainState:
-    """Train the generator; returns the final state (also checkpointed and exported)."""
+    """Train the generator; returns the final state (also checkpointed and exported).
+
+    Multi-host: call initialize_distributed first in every process, then this in every process
+    with the same arguments (see the module's docstring)."""
+    primary = jax.process_index() == 0
     log = log or (lambda line: print(line, flush=True))
+    if not primary:
+        log, progress = (lambda line: None), False
     setup = create_setup(cfg)
     sampler = BatchSampler(len(data), cfg.batch_size, cfg.seed)
     total = cfg.num_steps if cfg.num_steps is not None else sampler.steps_per_epoch
@@ -89,10 +145,13 @@ def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume:
     frozen = replicate(mesh, frozen)
     step_fn = make_train_step(setup)
     bar = Progress(total, "train", start=start) if progress else None
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if primary else os.devnull
+    rows = process_rows(mesh, cfg.batch_size)
+    local = sampler if jax.process_count() == 1 else _Rows(sampler, rows)
     with open(metrics_path, "a") as mfile:
         t_last = time.perf_counter()
-        batches = prefetch(data, sampler, start, total, put=lambda b: shard_batch(mesh, b))
+        batches = prefetch(data, local, start, total,
+                           put=lambda b: shard_batch(mesh, b, cfg.batch_size))
         for step, batch in zip(range(start, total), batches):
             state, metrics = step_fn(state, batch, frozen)
             done = step + 1
@@ -118,5 +177,6 @@ def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume:
                    extra_meta={"trained_steps": int(host_state.step), "strategy": cfg.strategy,
                                "targets": list(cfg.targets), "data_notes": list(data.notes)},
                    overwrite=True)
-    print(f"generator exported to {os.path.join(workdir, 'generator')}", file=sys.stderr)
+    if primary:
+        print(f"generator exported to {os.path.join(workdir, 'generator')}", file=sys.stderr)
     return host_state
