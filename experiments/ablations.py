@@ -34,11 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idguard_jax import gradcam, mgda
-from idguard_jax.generator import perturb
+from idguard_jax import gradcam
 from idguard_jax.losses import branch_losses
-from idguard_jax.strategies import weights_from_values
-from idguard_jax.train import Setup, TrainState, _conditions, _twice, _weighted_sum
+from idguard_jax.train import (Setup, TrainState, _conditions, _twice, generator_pass,
+                               target_objective, task_metrics, weigh_tasks)
 
 __all__ = ["WASTES", "REFERENCE", "applicable", "compute_gradients", "make_step"]
 
@@ -110,14 +109,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
         conds.append(c)
         clean.append(jax.lax.stop_gradient((o, f, idf)))
 
-    def gen_fn(params, delta_p):
-        x_adv, x_pri, stats = perturb(setup.generator, {"params": params,
-                                      "batch_stats": state.batch_stats}, delta_p, x, cfg.eps,
-                                      train=True)
-        return (x_adv, x_pri), stats
-
-    (x_adv, x_pri), gen_vjp, new_stats = jax.vjp(gen_fn, state.params, state.delta_p,
-                                                 has_aux=True)
+    gen_fn, (x_adv, x_pri), gen_vjp, new_stats = generator_pass(setup, state, x)
 
     def target_loss(t, tv, c, o, f, idf, xa, xp):
         def one_condition(ci, oi, fi, idfi):
@@ -137,14 +129,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
             adv = branch_losses(lcfg, oi, fi, ido_a, oa, fa, ida, mask, heat)
             pri = branch_losses(lcfg, oi, fi, ido_p, op, fp, idp, mask, heat)
             return adv, pri
-        adv, pri = jax.vmap(one_condition)(c, o, f, idf)
-        adv = jax.tree.map(jnp.mean, adv)
-        pri = jax.tree.map(jnp.mean, pri)
-        loss = adv["total"] + pri["total"]
-        aux = {"loss": loss, "kpi": adv["mask"] + pri["mask"],
-               **{f"{k}_adv": v for k, v in adv.items() if k != "total"},
-               **{f"{k}_pri": v for k, v in pri.items() if k != "total"}}
-        return loss, aux
+        return target_objective(*jax.vmap(one_condition)(c, o, f, idf))
 
     losses, auxes, g_adv, g_pri = [], [], [], []
     for t, c, (o, f, idf) in zip(setup.targets, conds, clean):
@@ -159,39 +144,22 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
     K = jnp.stack([a["kpi"] for a in auxes])
     g_adv, g_pri = jnp.stack(g_adv), jnp.stack(g_pri)
 
-    strategy_state = state.strategy_state
-    if cfg.strategy == "mgda" and cfg.mgda_gradients == "params":
-        per_task_params, per_task_delta = jax.vmap(gen_vjp)((g_adv, g_pri))
-        w = jax.lax.stop_gradient(mgda.min_norm(mgda.gram_matrix(per_task_params),
-                                                cfg.mgda_solver))
-        if "mgda_final_backward" in wastes:
-            def objective(params, delta_p):
-                (xa, xp), _ = gen_fn(params, delta_p)
-                total = 0.0
-                for k, (t, c, (o, f, idf)) in enumerate(zip(setup.targets, conds, clean)):
-                    total += w[k] * target_loss(t, frozen["targets"][t.name], c, o, f, idf,
-                                                xa, xp)[0]
-                return total
-            grad_params, grad_delta = jax.grad(objective, argnums=(0, 1))(state.params,
-                                                                          state.delta_p)
-        else:
-            grad_params = _weighted_sum(w, per_task_params)
-            grad_delta = _weighted_sum(w, per_task_delta)
-    else:
-        if cfg.strategy == "mgda":
-            w = mgda.min_norm(mgda.gram_matrix(g_adv), cfg.mgda_solver)
-        else:
-            w, strategy_state = weights_from_values(cfg.strategy, K, setup.alpha, strategy_state)
-        w = jax.lax.stop_gradient(w)
-        grad_params, grad_delta = gen_vjp((_weighted_sum(w, g_adv), _weighted_sum(w, g_pri)))
-
-    metrics = {"objective": jnp.sum(w * L)}
-    for i, name in enumerate(setup.target_names):
-        metrics[f"{name}/lambda"] = w[i]
-        for k, v in auxes[i].items():
-            metrics[f"{name}/{k}"] = v
-    grads = {"params": grad_params, "delta_p": grad_delta}
-    return grads, new_stats, strategy_state, w, metrics
+    w, grads, strategy_state = weigh_tasks(setup, state, gen_vjp, g_adv, g_pri, K)
+    if "mgda_final_backward" in wastes and cfg.strategy == "mgda" \
+            and cfg.mgda_gradients == "params":
+        def objective(params, delta_p):
+            (xa, xp), _ = gen_fn(params, delta_p)
+            total = 0.0
+            for k, (t, c, (o, f, idf)) in enumerate(zip(setup.targets, conds, clean)):
+                total += w[k] * target_loss(t, frozen["targets"][t.name], c, o, f, idf,
+                                            xa, xp)[0]
+            return total
+        # the update from a second backward (the per-task weighted sum is then unused: XLA
+        # drops it)
+        grad_params, grad_delta = jax.grad(objective, argnums=(0, 1))(state.params,
+                                                                      state.delta_p)
+        grads = {"params": grad_params, "delta_p": grad_delta}
+    return grads, new_stats, strategy_state, w, task_metrics(setup, w, L, auxes)
 
 
 def make_step(setup: Setup, wastes: frozenset = frozenset(), vgg=None):

@@ -39,7 +39,8 @@ from idguard_jax.losses import branch_losses
 from idguard_jax.strategies import initial_strategy_state, weights_from_values
 
 __all__ = ["TrainState", "Setup", "create_setup", "init_state", "init_frozen_random",
-           "compute_gradients", "train_step", "make_train_step", "compute_dtype"]
+           "compute_gradients", "generator_pass", "target_objective", "weigh_tasks",
+           "task_metrics", "train_step", "make_train_step", "compute_dtype"]
 
 
 def compute_dtype(name: str):
@@ -167,14 +168,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
              for (o, f), idf in zip(outputs, idf_split)]
 
     # 2. The generator and its vjp.
-    def gen_fn(params, delta_p):
-        x_adv, x_pri, stats = perturb(setup.generator, {"params": params,
-                                      "batch_stats": state.batch_stats}, delta_p, x, cfg.eps,
-                                      train=True)
-        return (x_adv, x_pri), stats
-
-    (x_adv, x_pri), gen_vjp, new_stats = jax.vjp(gen_fn, state.params, state.delta_p,
-                                                 has_aux=True)
+    gen_fn, (x_adv, x_pri), gen_vjp, new_stats = generator_pass(setup, state, x)
 
     # 3. Per target: loss of both branches and its image-space gradient.
     def target_loss(t, tv, c, o, f, idf, xa, xp):
@@ -184,14 +178,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
             adv = branch_losses(lcfg, oi, fi, idfi, out[:n], feat[:n], ida[:n], mask, heat)
             pri = branch_losses(lcfg, oi, fi, idfi, out[n:], feat[n:], ida[n:], mask, heat)
             return adv, pri
-        adv, pri = jax.vmap(one_condition)(c, o, f, idf)
-        adv = jax.tree.map(jnp.mean, adv)
-        pri = jax.tree.map(jnp.mean, pri)
-        loss = adv["total"] + pri["total"]
-        aux = {"loss": loss, "kpi": adv["mask"] + pri["mask"],
-               **{f"{k}_adv": v for k, v in adv.items() if k != "total"},
-               **{f"{k}_pri": v for k, v in pri.items() if k != "total"}}
-        return loss, aux
+        return target_objective(*jax.vmap(one_condition)(c, o, f, idf))
 
     losses, auxes, g_adv, g_pri = [], [], [], []
     xa, xp = x_adv, x_pri
@@ -213,6 +200,46 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
     g_adv, g_pri = jnp.stack(g_adv), jnp.stack(g_pri)   # (N, B, S, S, 3)
 
     # 4. Task weights (constants) and the gradient of sum_k lambda_k L_k.
+    w, grads, strategy_state = weigh_tasks(setup, state, gen_vjp, g_adv, g_pri, K)
+    return grads, new_stats, strategy_state, w, task_metrics(setup, w, L, auxes)
+
+
+def target_objective(adv: dict, pri: dict) -> tuple[jax.Array, dict]:
+    """A target's L_k from its branch losses per condition ((C,) arrays, losses.branch_losses):
+    the conditions' mean of both branches' totals; aux: 'loss', 'kpi' (K_k = both branches'
+    mask losses) and every term of each branch, named TERM_adv / TERM_pri."""
+    adv = jax.tree.map(jnp.mean, adv)
+    pri = jax.tree.map(jnp.mean, pri)
+    loss = adv["total"] + pri["total"]
+    aux = {"loss": loss, "kpi": adv["mask"] + pri["mask"],
+           **{f"{k}_adv": v for k, v in adv.items() if k != "total"},
+           **{f"{k}_pri": v for k, v in pri.items() if k != "total"}}
+    return loss, aux
+
+
+def generator_pass(setup: Setup, state: TrainState, x: jax.Array):
+    """Step 2: G in train mode on x (B, S, S, 3) in [-1, 1] and its vjp.
+
+    Returns (gen_fn, (x_adv, x_pri), gen_vjp, new batch_stats); gen_fn(params, delta_p) ->
+    ((x_adv, x_pri), batch_stats) is the function differentiated."""
+    def gen_fn(params, delta_p):
+        x_adv, x_pri, stats = perturb(setup.generator, {"params": params,
+                                      "batch_stats": state.batch_stats}, delta_p, x,
+                                      setup.cfg.eps, train=True)
+        return (x_adv, x_pri), stats
+
+    images, gen_vjp, new_stats = jax.vjp(gen_fn, state.params, state.delta_p, has_aux=True)
+    return gen_fn, images, gen_vjp, new_stats
+
+
+def weigh_tasks(setup: Setup, state: TrainState, gen_vjp, g_adv: jax.Array, g_pri: jax.Array,
+                kpi: jax.Array):
+    """Step 4: the task weights lambda (N,) (constants: no gradient flows through them) and the
+    ascent direction sum_k lambda_k grad L_k for {'params', 'delta_p'}.
+
+    gen_vjp: the generator's vjp; g_adv, g_pri (N, B, S, S, 3): each target's loss gradient
+    w.r.t. x_adv and x_pri; kpi (N,). Returns (lambda, grads, new strategy state)."""
+    cfg = setup.cfg
     strategy_state = state.strategy_state
     if cfg.strategy == "mgda" and cfg.mgda_gradients == "params":
         per_task_params, per_task_delta = jax.vmap(gen_vjp)((g_adv, g_pri))
@@ -224,17 +251,22 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
         if cfg.strategy == "mgda":   # MGDA-UB: gradients w.r.t. the generated images
             w = mgda.min_norm(mgda.gram_matrix(g_adv), cfg.mgda_solver)
         else:
-            w, strategy_state = weights_from_values(cfg.strategy, K, setup.alpha, strategy_state)
+            w, strategy_state = weights_from_values(cfg.strategy, kpi, setup.alpha,
+                                                    strategy_state)
         w = jax.lax.stop_gradient(w)
         grad_params, grad_delta = gen_vjp((_weighted_sum(w, g_adv), _weighted_sum(w, g_pri)))
+    return w, {"params": grad_params, "delta_p": grad_delta}, strategy_state
 
-    metrics = {"objective": jnp.sum(w * L)}
+
+def task_metrics(setup: Setup, w: jax.Array, losses: jax.Array, auxes: list[dict]) -> dict:
+    """The step's metrics: the objective sum_k lambda_k L_k and, per target, lambda and its
+    loss terms (named 'TARGET/TERM')."""
+    metrics = {"objective": jnp.sum(w * losses)}
     for i, name in enumerate(setup.target_names):
         metrics[f"{name}/lambda"] = w[i]
         for k, v in auxes[i].items():
             metrics[f"{name}/{k}"] = v
-    grads = {"params": grad_params, "delta_p": grad_delta}
-    return grads, new_stats, strategy_state, w, metrics
+    return metrics
 
 
 def train_step(setup: Setup, state: TrainState, batch: dict, frozen: dict):
