@@ -179,7 +179,8 @@ def read_photo(path: str | os.PathLike) -> Photo:
     try:
         with Image.open(path) as im:
             im.load()
-            fmt = im.format
+            # phones' multi-picture JPEGs (MPO): the first picture, written back as JPEG
+            fmt = "JPEG" if im.format == "MPO" else im.format
             if fmt not in set(PHOTO_FORMATS.values()):
                 raise ValueError(f"{path}: unsupported image format {fmt} "
                                  f"(JPEG, PNG, WebP and BMP are supported)")

@@ -271,3 +271,12 @@ def test_verify_shows_what_targets_make_of_both(photos_dir, generator_dir, tmp_p
     assert rc == 2 and "not the same photo" in capsys.readouterr().err
     rc = verify.main([str(original), str(protected)])
     assert rc == 2 and "--weights" in capsys.readouterr().err
+
+
+def test_a_phone_multi_picture_jpeg_is_read_as_jpeg(photos_dir, tmp_path):
+    first = Image.open(photos_dir / "img1.jpg").convert("RGB")
+    path = tmp_path / "phone.jpg"
+    first.save(path, format="MPO", save_all=True, append_images=[first.rotate(90)])
+    assert Image.open(path).format == "MPO"
+    photo = read_photo(path)
+    assert photo.format == "JPEG" and photo.stored.shape == (first.height, first.width, 3)
