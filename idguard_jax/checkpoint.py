@@ -36,10 +36,17 @@ def save_bundle(path: str | os.PathLike, tree: Any, meta: dict, overwrite: bool 
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(path, _TREE), tree, force=True)
     ckptr.wait_until_finished()
-    tmp = os.path.join(path, _META + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(path, _META))  # meta last: its presence marks a complete bundle
+    # meta last: its presence marks a complete bundle. In a multi-host run every process saves
+    # the tree together (Orbax coordinates them) but one writes the meta, then all wait for it.
+    if jax.process_index() == 0:
+        tmp = os.path.join(path, _META + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(path, _META))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"idguard_jax bundle {path}")
     return path
 
 
