@@ -35,7 +35,10 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ALL_TARGETS = ("stargan", "aggan", "fpgan", "relgan", "hisd")
+from idguard_jax.targets import TARGETS  # noqa: E402  (after the path set-up above)
+
+ALL_TARGETS = tuple(TARGETS)
+
 CONFIG_SIZES = {"tiny": 32, "demo": 64}
 # Salts folded into --seed's key, one per random use, so that no two uses share a key: the
 # per-batch attack starts (then folded with the dataset's and the batch's index), CMUA's fit

@@ -25,7 +25,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ALL_TARGETS = ("stargan", "aggan", "fpgan", "relgan", "hisd")
+from idguard_jax.targets import TARGETS  # noqa: E402  (after the path set-up above)
+
+ALL_TARGETS = tuple(TARGETS)
+
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,10 +57,7 @@ def _fail(message: str) -> int:
 
 
 def _available(weights: str) -> list[str]:
-    from idguard_jax import targets
-
-    return [n for n in ALL_TARGETS if os.path.isdir(os.path.join(weights, n))
-            and n in targets.TARGETS]
+    return [n for n in ALL_TARGETS if os.path.isdir(os.path.join(weights, n))]
 
 
 def main(argv=None) -> int:

@@ -81,7 +81,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "F":
         grey = np.clip(np.rint(np.asarray(im, np.float64) * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+    if _has_alpha(im):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -126,8 +126,8 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]
 # ------------------------------------------------------------------------------------------
 # Photos as users own them: format, pixel mode, EXIF orientation and metadata kept.
 
-# Formats a protected photo can be written back in (PIL names), by input suffix.
-PHOTO_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}
+# Formats a protected photo can be written back in (PIL names).
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 # Pixel modes written back as they are; other modes (palette, CMYK, 16-bit, 1-bit) are written
 # as RGB(A): quantising to a palette or a bit depth would erase the perturbation.
 _KEPT_MODES = ("RGB", "RGBA", "L", "LA")
@@ -181,7 +181,7 @@ def read_photo(path: str | os.PathLike) -> Photo:
             im.load()
             # phones' multi-picture JPEGs (MPO): the first picture, written back as JPEG
             fmt = "JPEG" if im.format == "MPO" else im.format
-            if fmt not in set(PHOTO_FORMATS.values()):
+            if fmt not in PHOTO_FORMATS:
                 raise ValueError(f"{path}: unsupported image format {fmt} "
                                  f"(JPEG, PNG, WebP and BMP are supported)")
             orientation = int(im.getexif().get(0x0112, 1) or 1)

@@ -31,11 +31,11 @@ __all__ = ["Outcome", "PhotoOptions", "protect_photos", "perturbation_for_photo"
            "apply_perturbation", "TMP_MARK", "PROTECTED", "NO_FACE", "FAILED", "COPIED"]
 
 PROTECTED, NO_FACE, COPIED, FAILED = "protected", "no face", "copied (no face)", "failed"
-TMP_MARK = ".idguard-tmp"
+TMP_MARK = ".idguard-tmp"   # temporary outputs: ".NAME.idguard-tmp-PID", renamed when complete
 # JPEG qualities 'auto' tries, lowest first (all with 4:4:4 chroma). On the shared photos with a
 # noise-like perturbation, 95 / 98 / 100 keep about 74% / 86% / 91% of its energy at 1.5x / 2x /
 # 3.4x the input's file size.
-JPEG_QUALITIES = (95, 98, 100)   # temporary outputs: ".NAME.idguard-tmp-PID", renamed when complete
+JPEG_QUALITIES = (95, 98, 100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +114,7 @@ def apply_perturbation(photo: Photo, delta_upright: np.ndarray, eps: float) -> n
 
 @dataclasses.dataclass
 class _Analysed:
+    index: int                     # position in the job list
     source: str
     output: str
     photo: Photo | None = None
@@ -205,9 +206,9 @@ def protect_photos(gen: protect.Generator, jobs: Iterable[tuple[str, str]],
         analyzer_factory = FaceAnalyzer
     local = threading.local()
 
-    def analyse(job) -> _Analysed:
-        source, output = job
-        item = _Analysed(source, output)
+    def analyse(index: int) -> _Analysed:
+        source, output = jobs[index]
+        item = _Analysed(index, source, output)
         try:
             if not hasattr(local, "analyzer"):
                 local.analyzer = analyzer_factory()
@@ -252,19 +253,17 @@ def protect_photos(gen: protect.Generator, jobs: Iterable[tuple[str, str]],
     analysing: dict[int, cf.Future] = {}       # job index -> future _Analysed
     waiting: list[_Analysed] = []              # analysed, in order; faces not all protected
     finishing: dict[int, cf.Future] = {}       # job index -> future Outcome
-    index_of: dict[int, int] = {}              # id(_Analysed) -> job index
     next_job = next_analysed = next_report = 0
     with cf.ThreadPoolExecutor(max(1, options.workers)) as pool:
         try:
             while next_report < len(jobs):
                 while next_job < len(jobs) and next_job - next_report < lookahead:
-                    analysing[next_job] = pool.submit(analyse, jobs[next_job])
+                    analysing[next_job] = pool.submit(analyse, next_job)
                     next_job += 1
                 # take analyses in input order, so batches and outputs follow it
                 while next_analysed in analysing and analysing[next_analysed].done():
                     item = analysing.pop(next_analysed).result()
                     if item.faces and not item.error:
-                        index_of[id(item)] = next_analysed
                         waiting.append(item)
                     else:
                         finishing[next_analysed] = pool.submit(finish, item)
@@ -273,7 +272,7 @@ def protect_photos(gen: protect.Generator, jobs: Iterable[tuple[str, str]],
                 if waiting and (pending >= options.batch_size or next_analysed == next_job):
                     _protect_batch(gen, waiting, options.batch_size, eps)
                     for item in [it for it in waiting if len(it.deltas) == len(it.faces)]:
-                        finishing[index_of.pop(id(item))] = pool.submit(finish, item)
+                        finishing[item.index] = pool.submit(finish, item)
                     waiting = [it for it in waiting if len(it.deltas) < len(it.faces)]
                     continue
                 watch = [f for f in (analysing.get(next_analysed), finishing.get(next_report))
