@@ -11,7 +11,7 @@ celeba-hq_256) or
 beside it unless --prior names it) or an identity network (plain state_dicts: arcface
 `arcface_ir_se50.pth`, irse50 `model_ir_se50.pth`, iresnet50 / iresnet100 `backbone.pth`,
 vggface `vggface-9d491dd7c30312.pth`) or `dlib` (`dlib_face_recognition_resnet_model_v1.dat`,
-read by idguard_jax.dlib_face, no dlib or torch). The bundle is written to OUT_DIR/MODEL.
+read by idguard_jax.networks.dlib, no dlib or torch). The bundle is written to OUT_DIR/MODEL.
 Checkpoints are read with torch's weights_only loader, so a file carrying pickled code is
 refused, never run.
 Exit codes: 0 done, 2 refused (one line on stderr names the file or option and the problem).
@@ -32,8 +32,10 @@ from convert.torch_io import (ConversionError, checkpoint_entry, load_torch_file
                               state_dict_to_numpy, tensor_to_numpy, to_flax)
 from idguard_jax.checkpoint import save_bundle
 from idguard_jax.generator import GeneratorConfig, abstract_generator, fit_delta_p, save_generator
-from idguard_jax import dlib_face, identity, targets
-from idguard_jax import hisd_target
+from idguard_jax.networks import dlib as dlib_face
+from idguard_jax.networks import identity
+from idguard_jax.networks import targets
+from idguard_jax.networks import hisd as hisd_target
 from ports.hisd import config_from_hyperparameters
 
 __all__ = ["main", "convert_target", "convert_generator", "convert_identity", "convert_dlib",
@@ -43,7 +45,7 @@ __all__ = ["main", "convert_target", "convert_generator", "convert_identity", "c
 @dataclasses.dataclass(frozen=True)
 class Converter:
     """How one network's official file converts. Its architecture (configuration and abstract
-    variables) comes from the library's registry (idguard_jax.targets); this adds what only the
+    variables) comes from the library's registry (idguard_jax.networks.targets); this adds what only the
     file format needs: the torch keys to drop (regexes) and how to pick the state_dict out of
     what the file holds (e.g. HiSD's `gen_test` entry)."""
     ignore: tuple[str, ...] = ()
@@ -98,7 +100,7 @@ TARGETS: dict[str, Converter] = {
                                                    "HiSD's training checkpoint (gen_*.pt)"),
         data_collections=("references",), read_config=_hisd_config),
 }
-# Identity networks (idguard_jax.identity): plain state_dicts; eval-mode BatchNorm reads its
+# Identity networks (idguard_jax.networks.identity): plain state_dicts; eval-mode BatchNorm reads its
 # running statistics, so nothing is dropped.
 TARGETS.update({name: Converter(kind="identity")
                 for name in ("arcface", "irse50", "iresnet50", "iresnet100", "vggface")})
@@ -169,7 +171,7 @@ def convert_identity(model: str, checkpoint: str, out_dir: str, overwrite: bool 
 
 def convert_dlib(checkpoint: str, out_dir: str, overwrite: bool = False) -> str:
     """Convert dlib's face recognition ResNet (.dat) to the bundle OUT_DIR/dlib; returns its
-    path. The reader (and its checks) live in idguard_jax.dlib_face."""
+    path. The reader (and its checks) live in idguard_jax.networks.dlib."""
     out = os.path.join(out_dir, DLIB)
     _refuse_existing(out, overwrite)
     try:

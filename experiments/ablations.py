@@ -1,6 +1,6 @@
 """Reference-style train steps: what each of our step's optimisations saves.
 
-The library's step (idguard_jax.train) avoids work the reference's PyTorch step does
+The library's step (idguard_jax.training.step) avoids work the reference's PyTorch step does
 (targets.md 0.5). Each WASTE below puts one such piece of work back while computing the same
 losses and gradients (tests/test_bench.py checks that at the tiny size), so the difference in
 step time, measured by experiments/bench.py --ablations, is what avoiding it saves:
@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idguard_jax import gradcam
-from idguard_jax.losses import branch_losses
-from idguard_jax.train import (Setup, TrainState, _conditions, _twice, generator_pass,
-                               target_objective, task_metrics, weigh_tasks)
+from idguard_jax.networks import gradcam
+from idguard_jax.training.losses import branch_losses
+from idguard_jax.training.step import (Setup, TrainState, _conditions, _twice, generator_pass,
+                                       target_objective, task_metrics, weigh_tasks)
 
 __all__ = ["WASTES", "REFERENCE", "applicable", "compute_gradients", "make_step"]
 
@@ -72,7 +72,7 @@ def _forward(target, tvars, x, cond, features_twice: bool):
 
 def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict,
                       wastes: frozenset = frozenset(), vgg=None):
-    """idguard_jax.train.compute_gradients with `wastes` put back; the same return values.
+    """idguard_jax.training.step.compute_gradients with `wastes` put back; the same return values.
 
     vgg: the VGGFace module of the `gradcam` waste, its weights in frozen['vggface'].
     """
@@ -163,7 +163,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
 
 
 def make_step(setup: Setup, wastes: frozenset = frozenset(), vgg=None):
-    """The jitted step of idguard_jax.train.make_train_step with `wastes` put back."""
+    """The jitted step of idguard_jax.training.step.make_train_step with `wastes` put back."""
     wastes = frozenset(wastes)
 
     def step(state, batch, frozen):

@@ -169,7 +169,7 @@ def random_batch(cfg, batch_size: int | None = None, seed: int = 0) -> dict:
 def _train_inputs(cfg):
     import jax
 
-    from idguard_jax import train
+    from idguard_jax.training import step as train
 
     setup = train.create_setup(cfg)
     state = train.init_state(setup, jax.random.key(0))
@@ -180,7 +180,7 @@ def _train_inputs(cfg):
 def bench_train(cfg, repeats: int, warmup: int, setup_state_frozen=None) -> dict:
     import jax
 
-    from idguard_jax import train
+    from idguard_jax.training import step as train
 
     setup, state, frozen = setup_state_frozen or _train_inputs(cfg)
     batch = jax.device_put(random_batch(cfg))
@@ -200,9 +200,9 @@ def bench_protect(cfg, batch: int, repeats: int, warmup: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from idguard_jax import protect
+    from idguard_jax.protection import faces as protect
     from idguard_jax.generator import init_generator, perturb
-    from idguard_jax.train import compute_dtype
+    from idguard_jax.training.step import compute_dtype
 
     gcfg = cfg.generator
     variables = init_generator(jax.random.key(0), gcfg)
@@ -226,8 +226,8 @@ def bench_target(cfg, name: str, repeats: int, warmup: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from idguard_jax import targets
-    from idguard_jax.train import compute_dtype
+    from idguard_jax.networks import targets
+    from idguard_jax.training.step import compute_dtype
 
     size_cfg = targets.size_config(name, cfg.target_size)
     target, tvars = targets.init_random(name, jax.random.key(1), cfg.image_size, size_cfg,
@@ -271,7 +271,7 @@ def bench_memory(cfg, batches, gib_sizes, fraction: float, margin: float) -> dic
     """Compile the step at each batch size (nothing runs) and fit bytes = a + b * batch."""
     import jax
 
-    from idguard_jax import train
+    from idguard_jax.training import step as train
 
     setup, state, frozen = _train_inputs(cfg)
     step = train.make_train_step(setup)
@@ -304,8 +304,9 @@ def bench_ablations(cfg, repeats: int, warmup: int, vgg_widths: str,
     import jax.numpy as jnp
 
     from experiments import ablations
-    from idguard_jax import identity, train
-    from idguard_jax.random_init import random_variables
+    from idguard_jax.networks import identity
+    from idguard_jax.training import step as train
+    from idguard_jax.networks.random_init import random_variables
     from ports.vggface import VGGFace
 
     setup, state0, frozen = _train_inputs(cfg)
@@ -397,8 +398,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def bench_loader(cache: str, batch: int, steps: int) -> dict:
     """Images/s the prefetching loader delivers from a cache (host arrays, no device copy)."""
-    from idguard_jax.cache import open_cache, prefetch
-    from idguard_jax.data import BatchSampler
+    from idguard_jax.data.cache import open_cache
+    from idguard_jax.data.loader import prefetch
+    from idguard_jax.data.loader import BatchSampler
 
     data = open_cache(cache)
     sampler = BatchSampler(len(data), min(batch, len(data)), seed=0)

@@ -35,7 +35,7 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from idguard_jax.targets import TARGETS  # noqa: E402  (after the path set-up above)
+from idguard_jax.networks.targets import TARGETS  # noqa: E402  (after the path set-up above
 
 ALL_TARGETS = tuple(TARGETS)
 
@@ -50,8 +50,8 @@ _POSITIVE = ("batch_size", "limit", "pg_steps", "pg_batch", "pg_ngf", "pg_blocks
 
 
 def _parser() -> argparse.ArgumentParser:
-    from idguard_jax.baselines import EPS, METHODS
-    from idguard_jax.identity import NORMALISATIONS
+    from idguard_jax.evaluation.baselines import EPS, METHODS
+    from idguard_jax.networks.identity import NORMALISATIONS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                    "compare with the paper's code) or trained (what the network was trained on)")
     p.add_argument("--robustness", action="store_true", help="also the robustness table")
     p.add_argument("--ops", default=None, help="comma-separated robustness operations "
-                   "(default: idguard_jax.robustness.DEFAULT_OPS), e.g. jpeg:75,resize:0.5+jpeg:90")
+                   "(default: idguard_jax.evaluation.robustness.DEFAULT_OPS), e.g. jpeg:75,resize:0.5+jpeg:90")
     p.add_argument("--grid", type=int, default=4, help="images per grid (0: no grids)")
     p.add_argument("--fit-data", default=None, help="images that cmua and pg learn from "
                    "(default: the first --dataset, noted in the tables)")
@@ -137,8 +137,8 @@ def _load_dataset(path: str, size: int, limit: int | None):
     """(name, images uint8 (N,S,S,3), labels (N,5), face masks (N,S,S,1) or None, notes)."""
     import numpy as np
 
-    from idguard_jax.cache import FACE_MASKS_FILE, open_cache
-    from idguard_jax.data import load_folder
+    from idguard_jax.data.cache import FACE_MASKS_FILE, open_cache
+    from idguard_jax.data.datasets import load_folder
 
     name = os.path.basename(os.path.normpath(path))
     if os.path.exists(os.path.join(path, "meta.json")):
@@ -254,7 +254,10 @@ def _run(args, methods, target_names, generators) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from idguard_jax import baselines, evaluation, report, robustness
+    from idguard_jax.evaluation import baselines
+    from idguard_jax.evaluation import measure as evaluation
+    from idguard_jax.evaluation import report
+    from idguard_jax.evaluation import robustness
     from idguard_jax.generator import GeneratorConfig, load_generator, perturb
     from idguard_jax.images import to_float
 
@@ -345,15 +348,15 @@ def _run(args, methods, target_names, generators) -> int:
         settings["cmua"] = {"images": n, "batch": cbatch, "batches": n // cbatch,
                             "epochs": args.cmua_epochs, "fit_data": fit_path}
     if "pg" in methods:
-        from idguard_jax import prior
+        from idguard_jax.training import surrogate as surrogate_lib
         t0 = time.perf_counter()
         if args.surrogate:
-            smodel, svars, _ = prior.load_surrogate(args.surrogate)
+            smodel, svars, _ = surrogate_lib.load_surrogate(args.surrogate)
             surrogate = args.surrogate
         else:
             depth = 4 if size % 16 == 0 else 2
-            smodel = prior.SurrogateAutoencoder(width=16, depth=depth)
-            svars = prior.train_surrogate(fit_images, steps=args.surrogate_steps,
+            smodel = surrogate_lib.SurrogateAutoencoder(width=16, depth=depth)
+            svars = surrogate_lib.train_surrogate(fit_images, steps=args.surrogate_steps,
                                           batch_size=16, width=16, depth=depth, seed=args.seed)
             surrogate = (f"a face-reconstruction autoencoder (width 16, depth {depth}) trained "
                          f"here for {args.surrogate_steps} steps, batch 16")

@@ -5,7 +5,7 @@
     python experiments/heatmaps.py CACHE_DIR --weights WEIGHTS_DIR      # into a training cache
 
 For every image FACES_DIR/REL/NAME.EXT this writes OUT_DIR/REL/NAME.npy: an (S, S) float32 array
-in [0, 1], ID-Guard's heatmap at the training size S (idguard_jax.gradcam.heatmaps of the image
+in [0, 1], ID-Guard's heatmap at the training size S (idguard_jax.networks.gradcam.heatmaps of the image
 read as training reads it: PIL bilinear to S x S, [-1, 1]). Read one with np.load(path,
 mmap_mode='r').
 
@@ -92,9 +92,11 @@ def _save_atomic(path: str, array) -> None:
 def _run(args: argparse.Namespace) -> str:
     import numpy as np
 
-    from idguard_jax import gradcam, identity
+    from idguard_jax.networks import gradcam
+    from idguard_jax.networks import identity
     from idguard_jax.checkpoint import read_meta
-    from idguard_jax.images import IMAGE_SUFFIXES, list_images, read_rgb, to_float
+    from idguard_jax.image_files import IMAGE_SUFFIXES, list_images, read_rgb
+    from idguard_jax.images import to_float
     from idguard_jax.progress import Progress
 
     if args.image_size <= 0:
@@ -142,8 +144,8 @@ def _run(args: argparse.Namespace) -> str:
 def _into_cache(args: argparse.Namespace, net, variables) -> str:
     """FACES_DIR is a cache from experiments/prepare.py: its heatmaps go into it (resumable),
     where training reads them."""
-    from idguard_jax import gradcam
-    from idguard_jax.cache import write_heatmaps
+    from idguard_jax.networks import gradcam
+    from idguard_jax.data.cache import write_heatmaps
     from idguard_jax.images import to_float
 
     def compute(images_u8):

@@ -8,7 +8,7 @@ celebamask-hq: the official layout (CelebA-HQ-img/, CelebAMask-HQ-mask-anno/, th
 file), the reference's split, its 5 labels and the binary component masks. aligned: any folder of
 aligned face images, with STAND-IN annotations (central-box masks, all-zero labels; say so in
 results). photos: ordinary photos; every face dlib finds becomes one row `relpath#k` (k = 0 for
-the largest), aligned to a CelebA-HQ-like crop (idguard_jax.align), with masks made from its 68
+the largest), aligned to a CelebA-HQ-like crop (idguard_jax.faces.align), with masks made from its 68
 landmarks, its 5 landmarks (always stored), labels from --labels (default all zero) and the
 whole-face mask for L2_face in facemasks.u8.npy (N, S, S, 1); photos without a face, unreadable
 ones and other files are reported by name.
@@ -49,14 +49,14 @@ def main(argv=None) -> int:
     if args.dataset == "photos":
         return _photos(args)
 
-    from idguard_jax import celebamask
-    from idguard_jax.cache import build_cache
-    from idguard_jax.data import central_face_mask
-    from idguard_jax.images import list_images, read_rgb
+    from idguard_jax.data import celebamask
+    from idguard_jax.data.cache import build_cache
+    from idguard_jax.data.datasets import central_face_mask
+    from idguard_jax.image_files import list_images, read_rgb
 
     analyzer = None
     if args.landmarks:
-        from idguard_jax.dlib_face import FaceAnalyzer
+        from idguard_jax.faces.detection import FaceAnalyzer
         analyzer = FaceAnalyzer()
 
     def landmarks_of(path):
@@ -106,10 +106,10 @@ def _photos(args) -> int:
 
     import numpy as np
 
-    from idguard_jax.align import OK, analyse_photo
-    from idguard_jax.cache import FACE_MASKS_FILE, build_cache
-    from idguard_jax.dlib_face import FaceAnalyzer
-    from idguard_jax.images import IMAGE_SUFFIXES
+    from idguard_jax.faces.align import OK, analyse_photo
+    from idguard_jax.data.cache import FACE_MASKS_FILE, build_cache
+    from idguard_jax.faces.detection import FaceAnalyzer
+    from idguard_jax.image_files import IMAGE_SUFFIXES
 
     try:
         labels = [0.0] * 5 if args.labels is None else [float(v) for v in args.labels.split(",")]

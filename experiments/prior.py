@@ -6,7 +6,7 @@
 
 `train-surrogate` writes a surrogate bundle (kind 'idguard-surrogate') to OUT_DIR; `compute`
 runs PGD against it on N randomly chosen faces of FACES_DIR and writes their average as a prior
-bundle (kind 'idguard-prior', read it with `idguard_jax.prior.load_prior`) plus `delta_p.png`
+bundle (kind 'idguard-prior', read it with `idguard_jax.training.prior.load_prior`) plus `delta_p.png`
 (the perturbation scaled from [-eps, eps] to [0, 255], for looking at). Progress and the final
 metrics are printed as one JSON object per line on stdout; errors go to stderr with exit code 2.
 """
@@ -90,7 +90,7 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
 
 
 def _check_faces_dir(faces_dir: str) -> list[str]:
-    from idguard_jax.images import list_images
+    from idguard_jax.image_files import list_images
 
     if not os.path.isdir(faces_dir):
         raise CliError(f"FACES_DIR {faces_dir}: no such folder")
@@ -102,7 +102,7 @@ def _check_faces_dir(faces_dir: str) -> list[str]:
 
 
 def _suffixes():
-    from idguard_jax.images import IMAGE_SUFFIXES
+    from idguard_jax.image_files import IMAGE_SUFFIXES
     return IMAGE_SUFFIXES
 
 
@@ -116,9 +116,9 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 def _train_surrogate(args) -> int:
     import numpy as np
 
-    from idguard_jax.data import load_folder
-    from idguard_jax.prior import (SurrogateAutoencoder, reconstruction_loss, save_surrogate,
-                                   train_surrogate)
+    from idguard_jax.data.datasets import load_folder
+    from idguard_jax.training.surrogate import (SurrogateAutoencoder, reconstruction_loss,
+                                                save_surrogate, train_surrogate)
 
     for name in ("size", "steps", "batch_size", "learning_rate", "width", "depth", "log_every"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
@@ -160,7 +160,7 @@ def _read_subset(paths: list[str], n: int, size: int, seed: int) -> tuple:
     """n randomly chosen readable images (uint8 (n, size, size, 3)) and their paths."""
     import numpy as np
 
-    from idguard_jax.images import read_rgb
+    from idguard_jax.image_files import read_rgb
 
     order = np.random.default_rng(seed).permutation(len(paths))
     images, kept = [], []
@@ -182,8 +182,8 @@ def _compute(args) -> int:
     from PIL import Image
 
     from idguard_jax.checkpoint import read_meta
-    from idguard_jax.prior import (load_surrogate, pgd_prior, reconstruction_disruption,
-                                   save_prior)
+    from idguard_jax.training.surrogate import load_surrogate
+    from idguard_jax.training.prior import pgd_prior, reconstruction_disruption, save_prior
 
     for name in ("num_images", "eps", "steps", "step_size", "batch_size", "log_every"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))

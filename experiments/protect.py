@@ -89,7 +89,7 @@ def plan(args) -> list[tuple[str, str]]:
     """(source, output) pairs. A file argument lands in OUT under its own name; a folder's photos
     under their path relative to that folder. Raises UsageError for missing inputs, two inputs
     with the same output, or an output that is an input."""
-    from idguard_jax.images import list_images
+    from idguard_jax.image_files import list_images
 
     out_root = os.path.abspath(args.out)
     jobs = []
@@ -132,7 +132,7 @@ def _check_out(out: str) -> None:
 
 def _remove_stale_temporaries(jobs) -> None:
     """Temporary outputs left by an interrupted run (ours: '.NAME.idguard-tmp-PID')."""
-    from idguard_jax.photos import TMP_MARK
+    from idguard_jax.protection.photos import TMP_MARK
 
     for folder in {os.path.dirname(o) for _, o in jobs}:
         if os.path.isdir(folder):
@@ -142,7 +142,7 @@ def _remove_stale_temporaries(jobs) -> None:
 
 
 def _summary(outcomes, skipped, seconds, stream) -> None:
-    from idguard_jax import photos
+    from idguard_jax.protection import photos
 
     by = {s: [o for o in outcomes if o.status == s]
           for s in (photos.PROTECTED, photos.NO_FACE, photos.COPIED, photos.FAILED)}
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         if args.report and os.path.exists(args.report) and not args.overwrite:
             raise UsageError(f"--report {args.report}: exists already (--overwrite replaces it)")
         _check_out(args.out)
-        from idguard_jax import protect
+        from idguard_jax.protection import faces as protect
 
         try:
             gen = protect.load(args.generator)
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         print(f"idguard protect: {e}", file=sys.stderr)
         return 2
 
-    from idguard_jax import photos
+    from idguard_jax.protection import photos
     from idguard_jax.progress import Progress
 
     _remove_stale_temporaries(jobs)

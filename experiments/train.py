@@ -27,7 +27,7 @@ DEMO_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from idguard_jax.strategies import STRATEGIES
+    from idguard_jax.training.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +65,7 @@ def _fail(msg: str) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.distributed:   # before any other JAX work
-        from idguard_jax.runner import initialize_distributed
+        from idguard_jax.training.runner import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from idguard_jax import config as config_lib
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return _fail(str(e))
 
     if cfg.identity == "auto":
-        from idguard_jax.identity import default_loss_network
+        from idguard_jax.networks.identity import default_loss_network
         cfg = dataclasses.replace(cfg, identity=default_loss_network(args.weights))
         if cfg.identity == "dlib":
             print("note: no converted ArcFace in --weights: the identity loss uses dlib's face "
@@ -116,10 +116,12 @@ def main(argv=None) -> int:
 
     import jax
 
-    from idguard_jax import data as data_lib
-    from idguard_jax import identity, targets, train
-    from idguard_jax.cache import open_cache
-    from idguard_jax.runner import fit
+    from idguard_jax.data import datasets as data_lib
+    from idguard_jax.networks import identity
+    from idguard_jax.networks import targets
+    from idguard_jax.training import step as train
+    from idguard_jax.data.cache import open_cache
+    from idguard_jax.training.runner import fit
 
     workdir = args.workdir or os.path.join("runs", f"{args.config}-{cfg.strategy}")
     if args.config == "demo":
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
 
     delta_p = None
     if args.prior:
-        from idguard_jax.prior import load_prior
+        from idguard_jax.training.prior import load_prior
         delta_p = load_prior(args.prior, cfg.image_size)
     else:
         print("note: no --prior: delta_p starts at zero (the paper starts from a PGD prior made "

@@ -25,7 +25,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from idguard_jax.targets import TARGETS  # noqa: E402  (after the path set-up above)
+from idguard_jax.networks.targets import TARGETS  # noqa: E402  (after the path set-up above
 
 ALL_TARGETS = tuple(TARGETS)
 
@@ -74,9 +74,11 @@ def main(argv=None) -> int:
     if not names:
         return _fail(f"--weights {args.weights}: no converted target found "
                      f"(expected sub-folders named {', '.join(ALL_TARGETS)})")
-    from idguard_jax import align, evaluation, report
-    from idguard_jax.dlib_face import FaceAnalyzer
-    from idguard_jax.images import read_photo
+    from idguard_jax.faces import align
+    from idguard_jax.evaluation import measure as evaluation
+    from idguard_jax.evaluation import report
+    from idguard_jax.faces.detection import FaceAnalyzer
+    from idguard_jax.protection.photo_io import read_photo
 
     try:
         original, protected = read_photo(args.original), read_photo(args.protected)

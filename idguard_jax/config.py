@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from idguard_jax.generator import GeneratorConfig
-from idguard_jax.losses import LossConfig
-from idguard_jax.strategies import STRATEGIES
+from idguard_jax.training.losses import LossConfig
+from idguard_jax.training.strategies import STRATEGIES
 
 __all__ = ["TrainConfig", "paper", "demo", "tiny", "apply_overrides"]
 
@@ -37,7 +37,7 @@ class TrainConfig:
     target_size: str = "official"     # 'official', or the narrow random 'demo' / 'tiny' variants
     all_conditions: bool = False      # every condition each step instead of step mod count
     # network of the identity loss: 'auto' = a converted ArcFace (the reference's) if present,
-    # else dlib's (offline, real); or any name in idguard_jax.identity.IDENTITY_NETS
+    # else dlib's (offline, real); or any name in idguard_jax.networks.identity.IDENTITY_NETS
     identity: str = "auto"
     identity_config: tuple[tuple[str, Any], ...] = ()
     identity_normalisation: str = "reference"   # 'reference' (what ID-Guard feeds) or 'trained'

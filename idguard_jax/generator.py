@@ -102,7 +102,7 @@ def init_generator(key: jax.Array, cfg: GeneratorConfig) -> dict:
     """Fresh generator variables {'params', 'batch_stats'} initialised as the reference does:
     kernels N(0, 0.02), BN scales N(1, 0.02), biases 0 (drawn with NumPy: the module's own
     initializers give the same distributions but compile one program each)."""
-    from idguard_jax.random_init import random_variables
+    from idguard_jax.networks.random_init import random_variables
 
     return random_variables(abstract_generator(cfg), key, kernel_std=0.02, scale_std=0.02)
 

@@ -8,7 +8,7 @@ The network ID-Guard loads from `vggface-9d491dd7c30312.pth` (targets.md 8a):
 
 Dropout is the identity (eval mode, as ID-Guard's Grad-CAM runs it; the identity loss uses the
 conv5 map only). Input conventions (ID-Guard's denorm, upstream's mean) live in
-idguard_jax.identity; this module takes the image as the first conv sees it. Keys mirror torch
+idguard_jax.networks.identity; this module takes the image as the first conv sees it. Keys mirror torch
 ('conv3.convs.2.weight' -> ('conv3', 'convs_2', 'kernel')).
 """
 from __future__ import annotations

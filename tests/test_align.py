@@ -12,11 +12,11 @@ pytest.importorskip("dlib")
 pytest.importorskip("face_recognition_models")
 
 from experiments import prepare  # noqa: E402
-from idguard_jax.align import (ALIGNED_TEMPLATE_68, OK, analyse_photo,  # noqa: E402
-                               apply_transform)
-from idguard_jax.cache import open_cache  # noqa: E402
-from idguard_jax.dlib_face import FaceAnalyzer  # noqa: E402
-from idguard_jax.images import list_images, read_rgb  # noqa: E402
+from idguard_jax.faces.align import (ALIGNED_TEMPLATE_68, OK, analyse_photo,  # noqa: E402
+                                     apply_transform)
+from idguard_jax.data.cache import open_cache  # noqa: E402
+from idguard_jax.faces.detection import FaceAnalyzer  # noqa: E402
+from idguard_jax.image_files import list_images, read_rgb  # noqa: E402
 
 
 @pytest.fixture(scope="module")

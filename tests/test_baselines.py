@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from idguard_jax import baselines, evaluation, prior, targets
-from idguard_jax.data import load_folder
+from idguard_jax.evaluation import baselines
+from idguard_jax.evaluation import measure as evaluation
+
+from idguard_jax.training import surrogate
+from idguard_jax.networks import targets
+from idguard_jax.data.datasets import load_folder
 from idguard_jax.generator import GeneratorConfig
 from idguard_jax.images import to_float
 
@@ -72,8 +76,8 @@ def test_cmua_universal_perturbation_within_eps(setup):
 
 def test_pg_generator_raises_the_surrogate_error(setup):
     _, x, _ = setup
-    model = prior.SurrogateAutoencoder(width=4, depth=2)
-    svars = prior.init_surrogate(0, model, 32)
+    model = surrogate.SurrogateAutoencoder(width=4, depth=2)
+    svars = surrogate.init_surrogate(0, model, 32)
     cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=32)
 
     def surrogate_mse(gvars):

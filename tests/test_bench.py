@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from experiments import ablations, bench
-from idguard_jax import config, gradcam, train
-from idguard_jax.random_init import random_variables
+from idguard_jax import config
+from idguard_jax.networks import gradcam
+from idguard_jax.training import step as train
+from idguard_jax.networks.random_init import random_variables
 from ports.vggface import VGGFace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

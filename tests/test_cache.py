@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idguard_jax import celebamask
-from idguard_jax.cache import open_cache, prefetch
-from idguard_jax.data import BatchSampler, batch_at
+from idguard_jax.data import celebamask
+from idguard_jax.data.cache import open_cache
+from idguard_jax.data.loader import prefetch
+from idguard_jax.data.loader import BatchSampler, batch_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTRS = ["5_o_Clock_Shadow", "Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young", "Smiling"]
@@ -113,7 +114,7 @@ def test_landmarks_for_the_dlib_identity_network(shared_faces_dir, tmp_path):
 
 
 def test_heatmaps_go_into_the_cache_resumably(shared_faces_dir, tmp_path):
-    from idguard_jax.cache import write_heatmaps
+    from idguard_jax.data.cache import write_heatmaps
     r = _prepare("aligned", shared_faces_dir, tmp_path / "c", "--size", 32)
     assert r.returncode == 0, r.stderr
     cache = str(tmp_path / "c")

@@ -12,18 +12,23 @@ import jax
 import numpy as np
 import pytest
 
-from idguard_jax import config, data, protect, train
-from idguard_jax.runner import fit
+from idguard_jax import config
+from idguard_jax.data import datasets as data
+from idguard_jax.protection import faces as protect
+from idguard_jax.training import step as train
+from idguard_jax.training.runner import fit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    from idguard_jax.runner import fit, initialize_distributed, process_rows, data_mesh
+    from idguard_jax.training.runner import fit, initialize_distributed, process_rows, data_mesh
     initialize_distributed(f"localhost:{PORT}", 2, int(sys.argv[1]))
     import jax
-    from idguard_jax import config, data, train
+    from idguard_jax import config
+    from idguard_jax.data import datasets as data
+    from idguard_jax.training import step as train
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     cfg = config.tiny(targets=("stargan",), batch_size=4, num_steps=2, strategy="kpi")
     rows = process_rows(data_mesh(), cfg.batch_size)

@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 
 from convert.convert import main as convert_main
-from idguard_jax import dlib_face
-from idguard_jax.images import list_images, read_rgb, to_float
+from idguard_jax.networks import dlib as dlib_face
+from idguard_jax.networks import dlib_chips
+from idguard_jax.faces.detection import FaceAnalyzer
+from dlib_chip_reference import get_face_chip
+from idguard_jax.image_files import list_images, read_rgb
+from idguard_jax.images import to_float
 from ports.dlib_resnet import DlibFaceResNet, zero_padded_add
 
 CANVAS = 512
@@ -42,7 +46,7 @@ def dlib_net():
 
 @pytest.fixture(scope="module")
 def analyzer():
-    return dlib_face.FaceAnalyzer()
+    return FaceAnalyzer()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def faces(shared_faces_dir, shared_photos_dir, analyzer, dlib_net):
 @pytest.fixture(scope="module")
 def warped_descriptors(faces, variables):
     """name -> the port's descriptor of the chip the JAX cutter cuts from the full image."""
-    cut = jax.jit(dlib_face.cut_chips, static_argnames="value_range")
+    cut = jax.jit(dlib_chips.cut_chips, static_argnames="value_range")
     chips = {}
     groups = {"celebahq": [n for n in faces if n.endswith(".png")],
               "photos": [n for n in faces if not n.endswith(".png")]}
@@ -76,7 +80,7 @@ def warped_descriptors(faces, variables):
             images = [np.pad(im, ((0, CANVAS - im.shape[0]), (0, CANVAS - im.shape[1]), (0, 0)))
                       for im in images]
         batch = np.stack(images)
-        warp = dlib_face.chip_warps(np.stack([faces[n][1] for n in names]), batch.shape[1:3])
+        warp = dlib_chips.chip_warps(np.stack([faces[n][1] for n in names]), batch.shape[1:3])
         chips.update(zip(names, np.asarray(cut(batch, warp, value_range=(0.0, 255.0)))))
     names = list(faces)
     descs = jax.jit(dlib_face.descriptor)(variables, np.stack([chips[n] for n in names]))
@@ -131,15 +135,15 @@ def test_port_matches_dlib_on_dlibs_own_chips(faces, variables, dlib_net):
 
 def test_numpy_chip_is_dlibs_chip(faces):
     for name, (image, points, chip, _) in faces.items():
-        np.testing.assert_array_equal(dlib_face.get_face_chip(image, points), chip, err_msg=name)
+        np.testing.assert_array_equal(get_face_chip(image, points), chip, err_msg=name)
 
 
 def test_canvas_does_not_change_any_photo_chip(faces):
     """The photos' warps on the canvas cut from the same crop as on the photo itself."""
     photos = {n: f for n, f in faces.items() if not n.endswith(".png")}
     for name, (image, points, _, _) in photos.items():
-        own = dlib_face.chip_warps(points[None], image.shape[:2])
-        canvas = dlib_face.chip_warps(points[None], (CANVAS, CANVAS))
+        own = dlib_chips.chip_warps(points[None], image.shape[:2])
+        canvas = dlib_chips.chip_warps(points[None], (CANVAS, CANVAS))
         for a, b in zip(own, canvas):
             np.testing.assert_array_equal(a, b, err_msg=name)
 
@@ -172,11 +176,11 @@ def test_identity_decisions_agree_with_dlib_on_every_pair(faces, warped_descript
 def test_pyramid_path_matches_dlib_on_a_large_face(shared_faces_dir, variables, dlib_net):
     """At 1024 px the face rect exceeds 2 x 150 px, so dlib cuts from its image pyramid."""
     image = read_rgb(list_images(shared_faces_dir)[0], 1024)
-    points = dlib_face.FaceAnalyzer(upsample=0).largest_face(image)
+    points = FaceAnalyzer(upsample=0).largest_face(image)
     shape = _dlib_shape(points)
-    np.testing.assert_array_equal(dlib_face.get_face_chip(image, points),
+    np.testing.assert_array_equal(get_face_chip(image, points),
                                   dlib.get_face_chip(image, shape))
-    warp = dlib_face.chip_warps(points[None], image.shape[:2])
+    warp = dlib_chips.chip_warps(points[None], image.shape[:2])
     assert warp.box[0, 0] == 1024  # sampled from a pyramid level, right of the crop
     port = jax.jit(dlib_face.face_descriptors, static_argnames="value_range")(
         variables, image[None], warp, value_range=(0.0, 255.0))
@@ -188,7 +192,7 @@ def test_gradients_flow_through_the_cutter_and_the_network(faces, variables,
                                                            warped_descriptors):
     names = [n for n in faces if n.endswith(".png")][:2]
     clean = to_float(np.stack([faces[n][0] for n in names]))  # the library's [-1, 1]
-    warp = dlib_face.chip_warps(np.stack([faces[n][1] for n in names]), clean.shape[1:3])
+    warp = dlib_chips.chip_warps(np.stack([faces[n][1] for n in names]), clean.shape[1:3])
     target = np.stack([warped_descriptors[n] for n in names])
 
     def cosine_to_clean(x):

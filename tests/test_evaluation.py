@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from idguard_jax import evaluation, identity, metrics, report, targets
-from idguard_jax.data import load_folder
+from idguard_jax.evaluation import measure as evaluation
+from idguard_jax.networks import identity
+from idguard_jax.evaluation import metrics
+from idguard_jax.evaluation import report
+from idguard_jax.networks import targets
+from idguard_jax.data.datasets import load_folder
 from idguard_jax.generator import GeneratorConfig, init_generator, save_generator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,7 +326,7 @@ def test_evaluate_baselines_end_to_end(shared_faces_dir, tmp_path, monkeypatch, 
     every jitted call sees one batch shape, CMUA learns from --cmua-images images with their
     labels, every random use has its own key, and the tables carry the dataset."""
     from experiments import evaluate
-    from idguard_jax import baselines
+    from idguard_jax.evaluation import baselines
 
     names = sorted(os.listdir(shared_faces_dir))
     for folder, picked in (("second", names[3:5]), ("fit", names[5:8])):

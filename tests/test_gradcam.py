@@ -13,8 +13,10 @@ from PIL import Image
 
 from convert.convert import convert_identity
 from experiments.heatmaps import main as heatmaps_main
-from idguard_jax import gradcam, identity
-from idguard_jax.images import read_rgb, to_float
+from idguard_jax.networks import gradcam
+from idguard_jax.networks import identity
+from idguard_jax.image_files import read_rgb
+from idguard_jax.images import to_float
 from torch_reference.vggface import VggFace, denorm, resize_image
 
 VGG_CONFIG = {"widths": (8, 16, 16, 32, 32), "fc_width": 64, "num_classes": 10}

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idguard_jax import images, losses, strategies
+from idguard_jax import images
+from idguard_jax.training import losses
+from idguard_jax.training import strategies
 
 
 @pytest.mark.parametrize("src,dst", [((7, 7), (224, 224)), ((256, 256), (112, 112)),
@@ -81,7 +83,7 @@ def test_strategy_rules():
 
 
 def test_summary_counts():
-    out = subprocess.run([sys.executable, "-m", "idguard_jax.summary"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "idguard_jax.networks.summary"], capture_output=True,
                          text=True, check=True, timeout=300).stdout.split("\n")
     counts = dict(line.split() for line in out if line)
     assert counts["generator"] == "7850819"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from idguard_jax import metrics
+from idguard_jax.evaluation import metrics
 
 
 def test_l2_face_is_squared_error_inside_the_mask_over_pixels_and_channels():

@@ -1,4 +1,4 @@
-"""MGDA min-norm solvers (idguard_jax.mgda).
+"""MGDA min-norm solvers (idguard_jax.training.mgda).
 
 Three independent checks:
 * `min_norm_exact` against a brute-force float64 minimum (a long accelerated projected-gradient
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idguard_jax import mgda
+from idguard_jax.training import mgda
 
 KINDS = ("gauss", "scaled", "rankdef", "dup", "zero", "collinear")
 

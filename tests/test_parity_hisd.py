@@ -16,11 +16,12 @@ import yaml
 
 from convert.convert import main as convert_main
 from convert.torch_io import to_flax
-from idguard_jax import targets
+from idguard_jax.networks import targets
 from idguard_jax.checkpoint import load_bundle
-from idguard_jax.images import list_images, read_rgb, to_float
-from idguard_jax.summary import network_sizes
-from idguard_jax import hisd_target
+from idguard_jax.image_files import list_images, read_rgb
+from idguard_jax.images import to_float
+from idguard_jax.networks.summary import network_sizes
+from idguard_jax.networks import hisd as hisd_target
 from ports import hisd
 from torch_reference import assert_matches
 from torch_reference.hisd import Gen, randomize_norms_

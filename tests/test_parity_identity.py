@@ -1,5 +1,5 @@
 """The identity-network ports + converters reproduce the official torch networks exactly, and
-`idguard_jax.identity` feeds each network the reference's input.
+`idguard_jax.networks.identity` feeds each network the reference's input.
 
 Official key names and widths with fewer blocks per stage (ArcFace, IR-SE50, iresnet) or narrower
 layers (VGGFace), through the real converter and the library's loader; the full-size networks
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from convert.convert import convert_identity, main as convert_main
-from idguard_jax import identity
+from idguard_jax.networks import identity
 from idguard_jax.images import resize_align_corners
-from idguard_jax.summary import network_sizes
+from idguard_jax.networks.summary import network_sizes
 from torch_reference import assert_matches, randomize_norms_
 from torch_reference.arcface import ResNet, randomize_prelus_
 from torch_reference.iresnet import IResNet

@@ -11,9 +11,9 @@ import torch
 
 from convert.convert import main as convert_main
 from convert.torch_io import ConversionError
-from idguard_jax import targets
+from idguard_jax.networks import targets
 from idguard_jax.checkpoint import load_bundle
-from idguard_jax.summary import network_sizes
+from idguard_jax.networks.summary import network_sizes
 from torch_reference import assert_matches
 from torch_reference.relgan import G, randomize_switch_norms_
 

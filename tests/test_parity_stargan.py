@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from convert.convert import main as convert_main
-from idguard_jax import targets
+from idguard_jax.networks import targets
 from idguard_jax.checkpoint import load_bundle
 from ports.stargan import AttentionGAN, FixedPointGAN, StarGAN, StarGANFamilyGenerator
 from torch_reference import assert_matches, randomize_norms_

@@ -12,8 +12,9 @@ from PIL import Image
 
 from conftest import save_bounded_generator
 from experiments import protect as cli
-from idguard_jax import photos, protect
-from idguard_jax.images import orient, read_photo, unorient
+from idguard_jax.protection import photos
+from idguard_jax.protection import faces as protect
+from idguard_jax.protection.photo_io import orient, read_photo, unorient
 
 pytest.importorskip("dlib")
 EPS_LEVELS = int(0.05 * 127.5)   # 6 grey levels

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import save_bounded_generator
-from idguard_jax import protect
+from idguard_jax.protection import faces as protect
 from idguard_jax.generator import load_generator, perturb
 
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from idguard_jax import robustness
-from idguard_jax.data import load_folder
+from idguard_jax.evaluation import robustness
+from idguard_jax.data.datasets import load_folder
 
 
 @pytest.fixture(scope="module")

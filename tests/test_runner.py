@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from idguard_jax import config, data, train
-from idguard_jax.runner import fit
+from idguard_jax import config
+from idguard_jax.data import datasets as data
+from idguard_jax.training import step as train
+from idguard_jax.training.runner import fit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +41,7 @@ def test_resume_gives_the_same_steps_as_not_stopping(small_faces, tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     assert "stargan/lambda" in lines[-1] and "stargan/mask_adv" in lines[-1]
     # the exported generator protects with the trained weights
-    from idguard_jax import protect
+    from idguard_jax.protection import faces as protect
     gen = protect.load(tmp_path / "b" / "generator")
     np.testing.assert_array_equal(np.asarray(gen.delta_p), np.asarray(resumed.delta_p))
 
@@ -83,8 +85,11 @@ MULTI_DEVICE = textwrap.dedent("""
     import functools, os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, numpy as np
-    from idguard_jax import config, data, train
-    from idguard_jax.runner import data_mesh, replicate, shard_batch
+    from idguard_jax import config
+    from idguard_jax.data import datasets as data
+    from idguard_jax.data import loader
+    from idguard_jax.training import step as train
+    from idguard_jax.training.runner import data_mesh, replicate, shard_batch
     assert len(jax.devices()) == 2
     cfg = config.tiny(targets=("stargan", "fpgan"), batch_size=4, strategy="STRATEGY")
     setup = train.create_setup(cfg)
@@ -96,7 +101,7 @@ MULTI_DEVICE = textwrap.dedent("""
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = data_mesh(devices)
         state, fr = replicate(mesh, state0), replicate(mesh, frozen)
-        batches = [shard_batch(mesh, data.batch_at(faces, np.arange(4 * i, 4 * i + 4)))
+        batches = [shard_batch(mesh, loader.batch_at(faces, np.arange(4 * i, 4 * i + 4)))
                    for i in range(2)]
         assert len(batches[0]["image"].sharding.device_set) == len(devices)
         grads.append(jax.device_get(jax.jit(functools.partial(train.compute_gradients, setup))(

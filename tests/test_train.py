@@ -12,10 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idguard_jax import config, data, mgda, targets, train
+from idguard_jax import config
+from idguard_jax.data import datasets as data
+from idguard_jax.data import loader
+from idguard_jax.training import mgda
+from idguard_jax.networks import targets
+from idguard_jax.training import step as train
 from idguard_jax.generator import perturb
-from idguard_jax.losses import branch_losses
-from idguard_jax.strategies import weights_from_values
+from idguard_jax.training.losses import branch_losses
+from idguard_jax.training.strategies import weights_from_values
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def _naive_losses(setup, state, batch, frozen, params, delta_p):
 
 
 def _batch(faces, idx=(0, 1)):
-    return data.batch_at(faces, np.asarray(idx))
+    return loader.batch_at(faces, np.asarray(idx))
 
 
 def _close(a, b, rtol=2e-4):
@@ -187,13 +192,13 @@ def test_short_run_raises_every_targets_disruption(faces, strategy):
     faces (tiny random targets, stand-in identity network and masks)."""
     setup, state, frozen = _setup(strategy=strategy, learning_rate=1e-2, batch_size=4, ngf=8,
                                   targets=FIVE)
-    held_out = data.batch_at(faces, np.arange(28, 36))
+    held_out = loader.batch_at(faces, np.arange(28, 36))
     evaluate = jax.jit(lambda st: train.compute_gradients(setup, st, held_out, frozen)[4])
     before = evaluate(state)
     step = train.make_train_step(setup)
-    sampler = data.BatchSampler(28, 4, seed=0)
+    sampler = loader.BatchSampler(28, 4, seed=0)
     for i in range(24):
-        state, _ = step(state, data.batch_at(faces, sampler.indices(i)), frozen)
+        state, _ = step(state, loader.batch_at(faces, sampler.indices(i)), frozen)
     after = evaluate(state)
     for name in FIVE:   # margin far above float noise (~1e-7); rises seen: 4e-4 (relgan) to 4e-2
         assert float(after[f"{name}/loss"]) > float(before[f"{name}/loss"]) + 2e-4, name
@@ -202,7 +207,9 @@ def test_short_run_raises_every_targets_disruption(faces, strategy):
 def test_dlib_identity_loss_in_the_step(shared_faces_dir):
     """With the real offline dlib network the identity loss is minus the cosine of the
     descriptors of chips cut where the CLEAN faces' landmarks say, and it trains."""
-    from idguard_jax import dlib_face, identity
+    from idguard_jax.networks import dlib as dlib_face
+    from idguard_jax.networks import dlib_chips
+    from idguard_jax.networks import identity
     faces = data.folder_dataset(shared_faces_dir, 64, limit=4, landmarks=True)
     cfg = config.tiny(image_size=64, targets=("stargan",), identity="dlib", identity_config=())
     setup = train.create_setup(cfg)
@@ -211,11 +218,11 @@ def test_dlib_identity_loss_in_the_step(shared_faces_dir):
     tvars = targets.init_random("stargan", jax.random.key(1), 64,
                                 targets.size_config("stargan", "tiny"))[1]
     frozen = {"targets": {"stargan": tvars}, "identity": ivars}
-    batch = data.batch_at(faces, np.arange(2))
+    batch = loader.batch_at(faces, np.arange(2))
     grads, _, _, _, m = jax.jit(functools.partial(train.compute_gradients, setup))(
         state, batch, frozen)
     x = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
-    warp = dlib_face.ChipWarp(**batch["chip_warp"])
+    warp = dlib_chips.ChipWarp(**batch["chip_warp"])
     np.testing.assert_allclose(net.features(ivars, x, batch["chip_warp"]),
                                dlib_face.face_descriptors(ivars, x, warp), atol=1e-5)
     x_adv, _, _ = perturb(setup.generator, {"params": state.params,

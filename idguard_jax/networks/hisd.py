@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idguard_jax.images import read_rgb, to_float
+from idguard_jax.image_files import read_rgb
+from idguard_jax.images import to_float
 from ports.hisd import _ARCH_FIELDS, CELEBA_HQ_256, HiSD, HiSDConfig
 
 Dtype = Any

@@ -15,7 +15,7 @@
   the paper uses it: a perturbation generator trained to maximise the unconstrained MSE against
   a SURROGATE, not the targets (gray box). Here the generator is ID-Guard's ResnetGenerator
   (without a prior) and the surrogate is the face-reconstruction autoencoder of
-  `idguard_jax.prior` (any `apply_fn(variables, x)` works); PG's own networks and its jointly
+  `idguard_jax.training.prior` (any `apply_fn(variables, x)` works); PG's own networks and its jointly
   trained imitation of the target are not reproduced (no code used).
 - `pgd_all`: per-image PGD against every target and condition at once (the sum of their MSEs,
   equal weights), an upper reference for what a per-image attack with the same budget does.
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idguard_jax import targets as targets_lib
+from idguard_jax.networks import targets as targets_lib
 from idguard_jax.generator import GeneratorConfig, init_generator, perturb
 from ports.layers import clamp
 

@@ -7,10 +7,9 @@ import warnings
 
 import numpy as np
 
-from idguard_jax.images import IMAGE_SUFFIXES, list_images, read_rgb
+from idguard_jax.image_files import IMAGE_SUFFIXES, list_images, read_rgb
 
-__all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "face_landmarks",
-           "BatchSampler", "batch_at"]
+__all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "face_landmarks"]
 
 
 def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
@@ -70,7 +69,7 @@ def face_landmarks(paths: list[str]) -> np.ndarray:
 
     An image where no face is found gets the mean landmarks of the others (aligned faces sit
     in the same place), with a warning naming it; no face anywhere is an error."""
-    from idguard_jax.dlib_face import FaceAnalyzer
+    from idguard_jax.faces.detection import FaceAnalyzer
 
     analyzer = FaceAnalyzer()
     found, missing = {}, []
@@ -103,38 +102,3 @@ def folder_dataset(folder, size: int, seed: int = 0, limit: int | None = None,
                     landmarks=face_landmarks(paths) if landmarks else None,
                     notes=("stand-in masks: central face box", "stand-in heatmaps: uniform",
                            "stand-in labels: random"))
-
-
-class BatchSampler:
-    """Fixed-size batches, shuffled per epoch by seed, addressable by step (so resuming at step s
-    gives exactly the batches an uninterrupted run would have seen). Drops the last partial batch."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n < batch_size:
-            raise ValueError(f"{n} images are fewer than one batch of {batch_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.steps_per_epoch = n // batch_size
-
-    def indices(self, step: int) -> np.ndarray:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return np.sort(perm[i * self.batch_size:(i + 1) * self.batch_size])
-
-
-def batch_at(data: FaceData, idx: np.ndarray) -> dict:
-    """The batch dict the train step takes (host numpy arrays); idx are positions < len(data)."""
-    if data.rows is not None:
-        idx = data.rows[idx]
-    if data.heatmaps is None:
-        heat = np.ones((len(idx),) + data.masks.shape[1:], np.float32)
-    else:
-        heat = data.heatmaps[idx]
-    batch = {"image": data.images[idx], "mask": data.masks[idx], "heatmap": heat,
-             "labels": data.labels[idx]}
-    if data.landmarks is not None:
-        from idguard_jax.dlib_face import chip_warps
-
-        size = data.images.shape[1:3]
-        pts = data.landmarks[idx] * np.array([size[1], size[0]], np.float32)
-        batch["chip_warp"] = chip_warps(pts, size)._asdict()
-    return batch

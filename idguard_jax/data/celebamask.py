@@ -17,8 +17,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from idguard_jax.images import read_rgb
-from idguard_jax.targets import STARGAN_ATTRIBUTES
+from idguard_jax.image_files import read_rgb
+from idguard_jax.networks.targets import STARGAN_ATTRIBUTES
 
 __all__ = ["COMPONENT_PARTS", "TEST_ROWS", "Record", "read_attributes", "component_mask",
            "check_layout", "load_record"]

@@ -40,10 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idguard_jax import align, metrics
-from idguard_jax import identity as identity_lib
-from idguard_jax import targets as targets_lib
-from idguard_jax.dlib_face import chip_warps
+from idguard_jax.faces import align
+from idguard_jax.evaluation import metrics
+from idguard_jax.networks import identity as identity_lib
+from idguard_jax.networks import targets as targets_lib
+from idguard_jax.networks.dlib_chips import chip_warps
 from idguard_jax.images import to_float, to_uint8
 
 __all__ = ["Models", "load_models", "Judge", "make_judge", "FaceFinder", "template_landmarks",
@@ -157,7 +158,7 @@ class FaceFinder:
     face in a uint8 image, or None. Needs dlib-bin (the 'faces' extra)."""
 
     def __init__(self, analyzer=None):
-        from idguard_jax.dlib_face import FaceAnalyzer
+        from idguard_jax.faces.detection import FaceAnalyzer
 
         self.analyzer = analyzer or FaceAnalyzer()
 

@@ -2,7 +2,7 @@
 
 Metrics: one JSON line per logged step on stdout and in WORKDIR/metrics.jsonl. Checkpoints: every
 `checkpoint_every` steps and at the end, in WORKDIR/checkpoints (Orbax). The trained generator
-(with its delta_p) is exported as a bundle to WORKDIR/generator for `idguard_jax.protect`.
+(with its delta_p) is exported as a bundle to WORKDIR/generator for `idguard_jax.protection.faces`.
 
 Devices: the batch axis is split over a 1-D mesh of every device of every process; the state
 and frozen weights are replicated. Several hosts (processes) run the same program: call
@@ -26,11 +26,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from idguard_jax.checkpoint import RunCheckpointer
 from idguard_jax.config import TrainConfig
-from idguard_jax.cache import prefetch
-from idguard_jax.data import BatchSampler, FaceData
+from idguard_jax.data.loader import prefetch
+from idguard_jax.data.loader import BatchSampler
+from idguard_jax.data.datasets import FaceData
 from idguard_jax.generator import save_generator
 from idguard_jax.progress import Progress
-from idguard_jax.train import TrainState, create_setup, init_state, make_train_step
+from idguard_jax.training.step import TrainState, create_setup, init_state, make_train_step
 
 __all__ = ["fit", "data_mesh", "shard_batch", "replicate", "process_rows",
            "initialize_distributed"]

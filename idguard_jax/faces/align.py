@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from idguard_jax.images import read_rgb
+from idguard_jax.image_files import read_rgb
 
 __all__ = ["ALIGNED_TEMPLATE_68", "COMPONENTS", "similarity_transform", "apply_transform",
            "align_face", "cut_aligned", "component_mask_from_landmarks", "face_mask_from_landmarks", "AlignedFace",
@@ -197,7 +197,7 @@ def analyse_image(photo: np.ndarray, analyzer, size: int = 256, min_face: int = 
     """Every face dlib finds in `photo` (H, W, 3) uint8 RGB, upright (largest first), aligned to
     size x size.
 
-    `analyzer` is a dlib_face.FaceAnalyzer. Faces whose detection box is narrower than `min_face`
+    `analyzer` is a faces.detection.FaceAnalyzer. Faces whose detection box is narrower than `min_face`
     px are still returned, with status TOO_SMALL (their landmarks are unreliable). An empty list:
     no face. With `detect_max_side`, a larger photo is searched at that size (HOG detection time
     grows with the pixel count) and the boxes scaled back; landmarks use the full resolution.

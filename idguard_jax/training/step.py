@@ -30,13 +30,13 @@ import numpy as np
 import optax
 from flax import struct
 
-from idguard_jax import identity as identity_lib
-from idguard_jax import mgda
-from idguard_jax import targets as targets_lib
+from idguard_jax.networks import identity as identity_lib
+from idguard_jax.training import mgda
+from idguard_jax.networks import targets as targets_lib
 from idguard_jax.config import TrainConfig
 from idguard_jax.generator import ResnetGenerator, init_generator, perturb
-from idguard_jax.losses import branch_losses
-from idguard_jax.strategies import initial_strategy_state, weights_from_values
+from idguard_jax.training.losses import branch_losses
+from idguard_jax.training.strategies import initial_strategy_state, weights_from_values
 
 __all__ = ["TrainState", "Setup", "create_setup", "init_state", "init_frozen_random",
            "compute_gradients", "generator_pass", "target_objective", "weigh_tasks",
@@ -137,7 +137,7 @@ def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: dict
     """Steps 1-4: the ASCENT direction sum_k lambda_k grad L_k for {'params', 'delta_p'}.
 
     batch: 'image' (B,S,S,3) uint8 or float in [-1,1], 'mask' and 'heatmap' (B,S,S,1) in [0,1],
-    'labels' (B,5), and 'chip_warp' for a chip-based identity network (dlib; data.batch_at).
+    'labels' (B,5), and 'chip_warp' for a chip-based identity network (dlib; data.loader.batch_at).
     Returns (grads, new batch_stats, new strategy state, lambda (N,), metrics).
     """
     cfg, lcfg = setup.cfg, setup.cfg.loss

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from idguard_jax import hisd_target as hisd
-from idguard_jax.random_init import random_variables
+from idguard_jax.networks import hisd
+from idguard_jax.networks.random_init import random_variables
 from ports.relgan import RelGANGenerator
 from ports.stargan import StarGANFamilyGenerator
 
@@ -235,7 +235,7 @@ def load(name: str, weights_dir: str | os.PathLike, dtype: Any = None,
     """A converted target: reads the bundle `weights_dir/name` written by convert/convert.py.
 
     references (HiSD only): its reference images, a folder, a list of files or an array
-    (idguard_jax.hisd_target.load_references); default the folder `weights_dir/hisd/references`.
+    (idguard_jax.networks.hisd.load_references); default the folder `weights_dir/hisd/references`.
     """
     from idguard_jax.checkpoint import load_bundle
 

@@ -18,7 +18,7 @@ gradient). Inputs, each (N,) over targets in a fixed order:
          attacked: lambda = one-hot(argmin_k K_k). (That paper's code is not public; this is our
          reading of "mining the hard model", documented so results can be compared.)
   mgda   weights from the min-norm solver on the per-target gradients (paper S-I; in train.py,
-         since it needs gradients: see idguard_jax.mgda)
+         since it needs gradients: see idguard_jax.training.mgda)
 """
 from __future__ import annotations
 

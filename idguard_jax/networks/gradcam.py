@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idguard_jax.identity import reference_denorm
+from idguard_jax.networks.identity import reference_denorm
 from idguard_jax.images import resize_align_corners
 from ports.vggface import VGGFace
 

@@ -1,7 +1,7 @@
-"""`python -m idguard_jax.summary`: one line per network, `NAME PARAMS`, at the official sizes.
+"""`python -m idguard_jax.networks.summary`: one line per network, `NAME PARAMS`, at the official sizes.
 
 Counted from `jax.eval_shape` (shapes only, nothing allocated): trainable parameters, not
-BatchNorm running statistics. Later ports register here through idguard_jax.targets/identity.
+BatchNorm running statistics. Later ports register here through idguard_jax.networks.targets/identity.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys
 
 import jax
 
-from idguard_jax import identity, targets
+from idguard_jax.networks import identity
+from idguard_jax.networks import targets
 from idguard_jax.generator import GeneratorConfig, abstract_generator
 
 
