@@ -25,11 +25,13 @@ import os
 import sys
 from typing import Callable
 
-if __package__ in (None, ""):  # run as a file: make the repository's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from convert.torch_io import (ConversionError, checkpoint_entry, load_torch_file,
-                              state_dict_to_numpy, tensor_to_numpy, to_flax)
+if __package__:
+    from convert.torch_io import (ConversionError, checkpoint_entry, load_torch_file,
+                                  state_dict_to_numpy, tensor_to_numpy, to_flax)
+else:  # `python convert/convert.py`: Python puts convert/ first on sys.path, where this file
+    # shadows the installed `convert` package and its sibling is the top-level `torch_io`
+    from torch_io import (ConversionError, checkpoint_entry, load_torch_file,
+                          state_dict_to_numpy, tensor_to_numpy, to_flax)
 from idguard_jax.checkpoint import save_bundle
 from idguard_jax.generator import GeneratorConfig, abstract_generator, fit_delta_p, save_generator
 from idguard_jax.networks import dlib as dlib_face
@@ -57,7 +59,8 @@ class Converter:
     read_config: Callable[[str, dict], dict] | None = None
 
 
-# The family's InstanceNorms store running buffers that train-mode IN never reads (targets.md 10.1).
+# The family's InstanceNorms store running buffers that train-mode IN never reads (the
+# reference never calls eval() on them).
 _IN_RUNNING_STATS = (r"\.running_(mean|var)$",)
 
 
@@ -92,9 +95,10 @@ TARGETS: dict[str, Converter] = {
     "stargan": Converter(_IN_RUNNING_STATS),
     "aggan": Converter(_IN_RUNNING_STATS),
     "fpgan": Converter(_IN_RUNNING_STATS),
-    # eval-mode SwitchNorm reads its running statistics: nothing is dropped (targets.md 10.2)
+    # eval-mode SwitchNorm reads its running statistics: nothing is dropped
     "relgan": Converter(extract=_relgan_generator),
-    # the EMA generator, as every user of the checkpoint loads it (targets.md 5)
+    # the EMA generator, as every user of the checkpoint loads it
+    # (HiSD's `easy_use.py` reads gen_test)
     "hisd": Converter(
         extract=lambda obj, path: checkpoint_entry(obj, "gen_test", path,
                                                    "HiSD's training checkpoint (gen_*.pt)"),
@@ -141,8 +145,8 @@ def convert_target(model: str, checkpoint: str, out_dir: str, overwrite: bool = 
         config = conv.read_config(config_file, config)
     state_dict = state_dict_to_numpy(conv.extract(load_torch_file(checkpoint), checkpoint),
                                      checkpoint)
-    abstract = {collection: tree for collection, tree
-                in targets.abstract_variables(model, image_size, config).items()
+    shapes = targets.abstract_variables(model, image_size=image_size, config=config)
+    abstract = {collection: tree for collection, tree in shapes.items()
                 if collection not in conv.data_collections}
     variables = to_flax(state_dict, abstract, conv.ignore, source=checkpoint)
     meta = {"kind": conv.kind, "model": model, "config": config,
@@ -162,8 +166,8 @@ def convert_identity(model: str, checkpoint: str, out_dir: str, overwrite: bool 
     config = {**identity.IDENTITY_NETS[model].default_config, **(config or {})}
     state_dict = state_dict_to_numpy(conv.extract(load_torch_file(checkpoint), checkpoint),
                                      checkpoint)
-    variables = to_flax(state_dict, identity.abstract_variables(model, config), conv.ignore,
-                        source=checkpoint)
+    variables = to_flax(state_dict, identity.abstract_variables(model, config=config),
+                        conv.ignore, source=checkpoint)
     meta = {"kind": conv.kind, "model": model, "config": config,
             "source": os.path.basename(checkpoint), "sha256": _sha256(checkpoint)}
     return save_bundle(out, variables, meta, overwrite=overwrite)

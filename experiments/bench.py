@@ -54,9 +54,6 @@ import statistics
 import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 MEMORY_GIB = (16, 24, 40, 80, 141)
 
 
@@ -170,10 +167,11 @@ def _train_inputs(cfg):
     import jax
 
     from idguard_jax.training import step as train
+    from idguard_jax.training.frozen import init_frozen_random
 
     setup = train.create_setup(cfg)
     state = train.init_state(setup, jax.random.key(0))
-    frozen = train.init_frozen_random(setup, jax.random.key(1))
+    frozen = init_frozen_random(cfg, jax.random.key(1))
     return setup, state, frozen
 
 
@@ -192,29 +190,24 @@ def bench_train(cfg, repeats: int, warmup: int, setup_state_frozen=None) -> dict
 
 
 def bench_protect(cfg, batch: int, repeats: int, warmup: int) -> dict:
-    """One protection call (eval-mode generator). float32 runs the library's protect_float; a
-    bfloat16 compute dtype runs the same perturbation with a bfloat16 generator."""
+    """One protection call: the library's eval-mode generator call (`generator.protect_eval`),
+    with a bfloat16 generator under a bfloat16 compute dtype."""
     import functools
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from idguard_jax.protection import faces as protect
-    from idguard_jax.generator import init_generator, perturb
+    from idguard_jax.generator import init_generator, protect_eval
     from idguard_jax.training.step import compute_dtype
 
     gcfg = cfg.generator
-    variables = init_generator(jax.random.key(0), gcfg)
+    _, variables = init_generator(gcfg, jax.random.key(0))
     delta_p = jnp.zeros((gcfg.image_size, gcfg.image_size, 3), jnp.float32)
     x = jax.device_put(np.random.default_rng(0).uniform(
         -1, 1, (batch, gcfg.image_size, gcfg.image_size, 3)).astype(np.float32))
-    if cfg.dtype == "float32":
-        fn = functools.partial(protect.protect_float, config=gcfg, eps=gcfg.eps)
-        fn = jax.jit(fn)
-    else:
-        module = gcfg.module(compute_dtype(cfg.dtype))
-        fn = jax.jit(lambda v, d, xs: perturb(module, v, d, xs, gcfg.eps, train=False)[0])
+    dtype = None if cfg.dtype == "float32" else compute_dtype(cfg.dtype)
+    fn = jax.jit(functools.partial(protect_eval, config=gcfg, eps=gcfg.eps, dtype=dtype))
     r = measure(fn, (variables, delta_p, x), batch, repeats, warmup)
     return {"bench": "protect", "dtype": cfg.dtype, "image_size": gcfg.image_size,
             "batch_size": batch, **r}
@@ -230,8 +223,8 @@ def bench_target(cfg, name: str, repeats: int, warmup: int) -> dict:
     from idguard_jax.training.step import compute_dtype
 
     size_cfg = targets.size_config(name, cfg.target_size)
-    target, tvars = targets.init_random(name, jax.random.key(1), cfg.image_size, size_cfg,
-                                        compute_dtype(cfg.dtype))
+    target, tvars = targets.init_random(name, jax.random.key(1), image_size=cfg.image_size,
+                                        config=size_cfg, dtype=compute_dtype(cfg.dtype))
     b = 2 * cfg.batch_size
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.uniform(-1, 1, (b, cfg.image_size, cfg.image_size, 3))
@@ -315,7 +308,7 @@ def bench_ablations(cfg, repeats: int, warmup: int, vgg_widths: str,
     vgg = VGGFace(**vgg_cfg)
     vvars = random_variables(jax.eval_shape(vgg.init, jax.random.key(0), jax.ShapeDtypeStruct(
         (1, 224, 224, 3), jnp.float32)), jax.random.key(3))
-    frozen = {**frozen, "vggface": vvars}
+    frozen = ablations.FrozenWithVGG(frozen.targets, frozen.identity, vvars)
     batch = jax.device_put(random_batch(cfg))
     wastes_here = ablations.applicable(cfg.strategy, cfg.mgda_gradients)
     unknown = set(only or ()) - set(wastes_here)
@@ -415,12 +408,8 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def main(argv=None) -> int:
-    p = _parser()
-    args = p.parse_args(argv)
-
-    import jax
-
+def _base_config(args):
+    """The configuration every section measures: --size's preset with the flags applied."""
     from idguard_jax import config
 
     base = {"tiny": config.tiny, "demo": config.demo, "paper": config.paper}[args.size]()
@@ -435,30 +424,26 @@ def main(argv=None) -> int:
         over["batch_size"] = args.batch_size
     if args.image_size:
         over["image_size"] = args.image_size
-    base = dataclasses.replace(base, **over)
+    return dataclasses.replace(base, **over)
+
+
+def _device_record(size: str) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"bench": "device", "device": str(dev), "kind": dev.device_kind,
+            "platform": dev.platform, "count": len(jax.devices()), "jax": jax.__version__,
+            "size": size}
+
+
+def _per_dtype_sections(args, base, skip: set, emit) -> None:
+    """train (each strategy), protect (each batch) and target (each target), per dtype."""
     b = base.batch_size
     protect_batches = (_ints(args.protect_batches) if args.protect_batches is not None
                        else [b, 8 * b])
-    memory_batches = (_ints(args.memory_batches) if args.memory_batches is not None
-                      else sorted({max(1, b // 2), b}))
-    dev = jax.devices()[0]
-    results = [{"bench": "device", "device": str(dev), "kind": dev.device_kind,
-                "platform": dev.platform, "count": len(jax.devices()),
-                "jax": jax.__version__, "size": args.size}]
-
-    def emit(r):
-        results.append(r)
-        print(json.dumps(r), flush=True)
-
-    print(json.dumps(results[0]), flush=True)
-    dtypes, strategies = args.dtypes.split(","), args.strategies.split(",")
-    skip = set(args.skip.split(",")) - {""}
-    unknown = skip - {"train", "protect", "target", "memory"}
-    if unknown:
-        p.error(f"--skip: unknown sections {sorted(unknown)}")
-    for dtype in dtypes:
+    for dtype in args.dtypes.split(","):
         if "train" not in skip:
-            for strategy in strategies:
+            for strategy in args.strategies.split(","):
                 emit(bench_train(dataclasses.replace(base, strategy=strategy, dtype=dtype),
                                  args.repeats, args.warmup))
         cfg = dataclasses.replace(base, dtype=dtype)
@@ -468,7 +453,14 @@ def main(argv=None) -> int:
         if "target" not in skip:
             for name in base.targets:
                 emit(bench_target(cfg, name, args.repeats, args.warmup))
-    first = dataclasses.replace(base, strategy=strategies[0], dtype=dtypes[0])
+
+
+def _once_sections(args, base, skip: set, emit) -> None:
+    """memory, ablations and the loader, at the first strategy and dtype."""
+    first = dataclasses.replace(base, strategy=args.strategies.split(",")[0],
+                                dtype=args.dtypes.split(",")[0])
+    memory_batches = (_ints(args.memory_batches) if args.memory_batches is not None
+                      else sorted({max(1, base.batch_size // 2), base.batch_size}))
     if "memory" not in skip and len(memory_batches) >= 2:
         emit(bench_memory(first, memory_batches, [g.strip() for g in args.memory_gib.split(",")],
                           args.mem_fraction, args.margin))
@@ -479,6 +471,9 @@ def main(argv=None) -> int:
             emit(r)
     if args.loader:
         emit(bench_loader(args.loader, base.batch_size, 200))
+
+
+def _print_memory_summary(results: list[dict]) -> None:
     for r in results:
         if r["bench"] == "memory" and r["largest_batch"]:
             print(f"memory ({r['strategy']}, {r['dtype']}, {r['image_size']} px): "
@@ -487,6 +482,26 @@ def main(argv=None) -> int:
                   f"{r['margin']:.0%}: " + ", ".join(f"{g} GiB: {n}" for g, n in
                                                       r["largest_batch"].items()),
                   file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    skip = set(args.skip.split(",")) - {""}
+    unknown = skip - {"train", "protect", "target", "memory"}
+    if unknown:
+        p.error(f"--skip: unknown sections {sorted(unknown)}")
+    base = _base_config(args)
+    results = []
+
+    def emit(r):   # one JSON line per figure, as soon as it is measured
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+    emit(_device_record(args.size))
+    _per_dtype_sections(args, base, skip, emit)
+    _once_sections(args, base, skip, emit)
+    _print_memory_summary(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -7,11 +7,7 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # command -> (module with main(argv), one line of help)
 COMMANDS = {

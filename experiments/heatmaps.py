@@ -18,16 +18,11 @@ Exit codes: 0 done, 2 refused or failed (one line on stderr says why; finished f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+__all__ = ["main", "build_parser"]
 
-__all__ = ["main", "build_parser", "SETTINGS_FILE"]
-
-SETTINGS_FILE = "heatmaps.json"
 _NETWORK = "vggface"
 
 
@@ -51,53 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _output_paths(faces_dir: str, paths: list[str], out_dir: str) -> dict[str, str]:
-    """image -> OUT_DIR/REL/NAME.npy; refuses two images that would share a file (a.png, a.jpg)."""
-    outputs, owner = {}, {}
-    for path in paths:
-        out = os.path.join(out_dir, os.path.splitext(os.path.relpath(path, faces_dir))[0] + ".npy")
-        if out in owner:
-            raise CliError(f"{owner[out]} and {path} would both write {out}; rename one")
-        owner[out] = outputs[path] = out
-    return outputs
-
-
-def _check_settings(out_dir: str, settings: dict) -> None:
-    """Write OUT_DIR/heatmaps.json, or refuse if it records other settings."""
-    path = os.path.join(out_dir, SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            before = json.load(f)
-        if before != settings:
-            changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
-            raise CliError(f"{out_dir}: made with other settings ({', '.join(changed)}: "
-                           f"{[before.get(k) for k in changed]} there, "
-                           f"{[settings.get(k) for k in changed]} now); use another OUT_DIR")
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=2, sort_keys=True)
-
-
-def _save_atomic(path: str, array) -> None:
-    import numpy as np
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def _run(args: argparse.Namespace) -> str:
-    import numpy as np
-
-    from idguard_jax.networks import gradcam
-    from idguard_jax.networks import identity
     from idguard_jax.checkpoint import read_meta
-    from idguard_jax.image_files import IMAGE_SUFFIXES, list_images, read_rgb
+    from idguard_jax.data import heatmaps
+    from idguard_jax.data.cache import write_heatmaps
+    from idguard_jax.image_files import IMAGE_SUFFIXES, list_images
     from idguard_jax.images import to_float
-    from idguard_jax.progress import Progress
+    from idguard_jax.networks import gradcam, identity
 
     if args.image_size <= 0:
         raise CliError(f"--image-size {args.image_size}: must be positive")
@@ -106,53 +61,30 @@ def _run(args: argparse.Namespace) -> str:
     try:
         net, variables = identity.load(_NETWORK, args.weights)
         meta = read_meta(os.path.join(args.weights, _NETWORK))
+
+        def compute(images_u8):
+            return gradcam.heatmaps(net.module, variables, to_float(images_u8))
+
         if os.path.isfile(os.path.join(args.faces_dir, "meta.json")):
-            return _into_cache(args, net, variables)
+            # a cache from experiments/prepare.py: its heatmaps go into it, where training reads them
+            written, had = write_heatmaps(args.faces_dir, compute, args.batch_size)
+            return (f"wrote {written} heatmaps into the cache {args.faces_dir} ({had} were "
+                    "already there)")
         if args.out_dir is None:
             raise CliError("OUT_DIR is needed when FACES_DIR is a folder of images")
         paths = list_images(args.faces_dir, recursive=args.recursive)
+        if not paths:
+            raise CliError(f"{args.faces_dir}: no images ({', '.join(IMAGE_SUFFIXES)})"
+                           + ("" if args.recursive else "; --recursive reads subfolders"))
+        outputs = heatmaps.output_paths(args.faces_dir, paths, args.out_dir)
+        heatmaps.check_settings(args.out_dir, {"image_size": args.image_size, "network": _NETWORK,
+                                               "weights_sha256": meta.get("sha256"),
+                                               "weights_config": meta.get("config")})
+        written, had = heatmaps.write_folder_heatmaps(outputs, compute, args.image_size,
+                                                      args.batch_size)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
-    if not paths:
-        raise CliError(f"{args.faces_dir}: no images ({', '.join(IMAGE_SUFFIXES)})"
-                       + ("" if args.recursive else "; --recursive reads subfolders"))
-    outputs = _output_paths(args.faces_dir, paths, args.out_dir)
-    _check_settings(args.out_dir, {"image_size": args.image_size, "network": _NETWORK,
-                                   "weights_sha256": meta.get("sha256"),
-                                   "weights_config": meta.get("config")})
-
-    todo = [p for p in paths if not os.path.isfile(outputs[p])]
-    done = len(paths) - len(todo)
-    progress = Progress(len(paths), desc="heatmaps", unit="img", start=done)
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
-        try:
-            faces = [read_rgb(p, args.image_size) for p in batch]
-        except ValueError as e:
-            raise CliError(f"{e} (heatmaps written so far are kept; rerun to resume)") from e
-        # A short last batch is filled with its own images: one compiled shape, and the same
-        # batch minimum for the reference's data-dependent denorm.
-        faces += [faces[i % len(faces)] for i in range(args.batch_size - len(faces))]
-        maps = np.asarray(gradcam.heatmaps(net.module, variables, to_float(np.stack(faces))))
-        for path, heatmap in zip(batch, maps):
-            _save_atomic(outputs[path], heatmap[..., 0])
-        progress.update(len(batch))
-    progress.close()
-    return f"wrote {len(todo)} heatmaps to {args.out_dir} ({done} were already there)"
-
-
-def _into_cache(args: argparse.Namespace, net, variables) -> str:
-    """FACES_DIR is a cache from experiments/prepare.py: its heatmaps go into it (resumable),
-    where training reads them."""
-    from idguard_jax.networks import gradcam
-    from idguard_jax.data.cache import write_heatmaps
-    from idguard_jax.images import to_float
-
-    def compute(images_u8):
-        return gradcam.heatmaps(net.module, variables, to_float(images_u8))
-
-    written, had = write_heatmaps(args.faces_dir, compute, args.batch_size)
-    return f"wrote {written} heatmaps into the cache {args.faces_dir} ({had} were already there)"
+    return f"wrote {written} heatmaps to {args.out_dir} ({had} were already there)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,7 @@ import json
 import os
 import sys
 import time
-import warnings
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 __all__ = ["main", "build_parser"]
 
@@ -156,38 +153,10 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def _read_subset(paths: list[str], n: int, size: int, seed: int) -> tuple:
-    """n randomly chosen readable images (uint8 (n, size, size, 3)) and their paths."""
-    import numpy as np
-
-    from idguard_jax.image_files import read_rgb
-
-    order = np.random.default_rng(seed).permutation(len(paths))
-    images, kept = [], []
-    for i in order:
-        if len(kept) == n:
-            break
-        try:
-            images.append(read_rgb(paths[i], size))
-            kept.append(paths[i])
-        except ValueError as e:
-            warnings.warn(str(e), stacklevel=2)
-    return (np.stack(images) if images else None), kept
-
-
-def _compute(args) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from PIL import Image
-
+def _check_surrogate(args) -> None:
+    """CliError unless --surrogate is a surrogate bundle."""
     from idguard_jax.checkpoint import read_meta
-    from idguard_jax.training.surrogate import load_surrogate
-    from idguard_jax.training.prior import pgd_prior, reconstruction_disruption, save_prior
 
-    for name in ("num_images", "eps", "steps", "step_size", "batch_size", "log_every"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    _positive("--size", args.size, allow_none=True)
     if not os.path.isdir(args.surrogate):
         raise CliError(f"--surrogate {args.surrogate}: no such folder")
     try:
@@ -197,9 +166,10 @@ def _compute(args) -> int:
     if kind != "idguard-surrogate":
         raise CliError(f"--surrogate {args.surrogate}: not a surrogate bundle (kind={kind!r}); "
                        "make one with `prior.py train-surrogate`")
-    _check_out_dir(args.out_dir, args.overwrite)
-    paths = _check_faces_dir(args.faces_dir)
-    model, variables, smeta = load_surrogate(args.surrogate)
+
+
+def _image_size(args, model, smeta) -> int:
+    """--size, else the surrogate's training size; a multiple of 2**depth."""
     size = args.size if args.size is not None else int(smeta["image_size"])
     if size % 2 ** model.depth:
         raise CliError(f"--size {size} must be a multiple of {2 ** model.depth} for this "
@@ -207,6 +177,13 @@ def _compute(args) -> int:
     if size != int(smeta["image_size"]):
         _emit({"event": "note", "message": f"--size {size} differs from the surrogate's training "
                f"size {smeta['image_size']} (it is fully convolutional, but was not trained there)"})
+    return size
+
+
+def _read_faces(args, paths: list[str], size: int):
+    """--num-images random readable faces (capped at those found): (images, their paths)."""
+    from idguard_jax.training.prior_faces import read_random_faces
+
     n = args.num_images
     if n > len(paths):
         _emit({"event": "note", "message": f"--num-images {n} capped at the {len(paths)} images "
@@ -214,48 +191,43 @@ def _compute(args) -> int:
         print(f"note: --num-images {n} capped at the {len(paths)} images found in "
               f"{args.faces_dir}", file=sys.stderr)
         n = len(paths)
-    images, used = _read_subset(paths, n, size, args.seed)
+    images, used = read_random_faces(paths, n, size, args.seed)
     if images is None:
         raise CliError(f"FACES_DIR {args.faces_dir}: no readable images")
     if len(used) < n:
         _emit({"event": "note", "message": f"only {len(used)} of the images could be read",
                "num_images": len(used)})
+    return images, used
+
+
+def _compute(args) -> int:
+    from idguard_jax.training.prior import save_prior
+    from idguard_jax.training.prior_faces import compute_prior, write_preview
+    from idguard_jax.training.surrogate import load_surrogate
+
+    for name in ("num_images", "eps", "steps", "step_size", "batch_size", "log_every"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    _positive("--size", args.size, allow_none=True)
+    _check_surrogate(args)
+    _check_out_dir(args.out_dir, args.overwrite)
+    paths = _check_faces_dir(args.faces_dir)
+    model, variables, smeta = load_surrogate(args.surrogate)
+    size = _image_size(args, model, smeta)
+    images, used = _read_faces(args, paths, size)
     _emit({"event": "data", "faces_dir": os.path.abspath(args.faces_dir),
            "num_images": len(used), "size": size})
-    key = jax.random.key(args.seed)
-    last = {}
-
-    def progress(m):
-        last.update(m)
-        _emit({"event": "pgd", **m})
-
-    delta_p = pgd_prior(model.apply, variables, images, key=key, eps=args.eps, steps=args.steps,
-                        step_size=args.step_size, batch_size=args.batch_size,
-                        callback=progress, log_every=args.log_every)
-    # How much the averaged (universal) prior disrupts M_s, against uniform noise of the same
-    # bound, on the same images.
-    noise = jax.random.uniform(jax.random.split(key)[1], delta_p.shape,
-                               jnp.float32, -args.eps, args.eps)
-    dis_prior = dis_noise = 0.0
-    for s in range(0, len(images), args.batch_size):
-        b = images[s:s + args.batch_size]
-        dis_prior += float(jnp.sum(reconstruction_disruption(model.apply, variables, b, delta_p)))
-        dis_noise += float(jnp.sum(reconstruction_disruption(model.apply, variables, b, noise)))
-    summary = {
-        "num_images": len(used), "size": size, "eps": args.eps, "steps": args.steps,
-        "step_size": args.step_size, "seed": args.seed,
-        "pgd_disruption": last.get("disruption"),
-        "prior_disruption": dis_prior / len(used), "noise_disruption": dis_noise / len(used),
-        "prior_linf": float(jnp.max(jnp.abs(delta_p))),
-        "prior_mean_abs": float(jnp.mean(jnp.abs(delta_p))),
-    }
+    delta_p, stats = compute_prior(model.apply, variables, images, seed=args.seed, eps=args.eps,
+                                   steps=args.steps, step_size=args.step_size,
+                                   batch_size=args.batch_size, log_every=args.log_every,
+                                   callback=lambda m: _emit({"event": "pgd", **m}))
+    summary = {"num_images": len(used), "size": size, "eps": args.eps, "steps": args.steps,
+               "step_size": args.step_size, "seed": args.seed, **stats}
     meta = {**summary, "surrogate": os.path.abspath(args.surrogate),
             "faces_dir": os.path.abspath(args.faces_dir),
             "images": [os.path.basename(p) for p in used],
             "note": "disruption = mean per-image MSE(M_s(x + d), M_s(x)) in [-1, 1] units"}
     path = save_prior(args.out_dir, delta_p, meta, overwrite=args.overwrite)
-    vis = np.clip(np.rint((np.asarray(delta_p) / args.eps + 1.0) * 127.5), 0, 255)
-    Image.fromarray(vis.astype(np.uint8)).save(os.path.join(path, "delta_p.png"))
+    write_preview(os.path.join(path, "delta_p.png"), delta_p, args.eps)
     _emit({"event": "done", "out_dir": path, **summary})
     return 0
 

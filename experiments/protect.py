@@ -20,11 +20,6 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-FORMAT_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
-
 
 class UsageError(Exception):
     """Bad arguments: reported in one line, exit status 2, nothing written."""
@@ -85,62 +80,6 @@ def _check_args(args) -> None:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
 
 
-def plan(args) -> list[tuple[str, str]]:
-    """(source, output) pairs. A file argument lands in OUT under its own name; a folder's photos
-    under their path relative to that folder. Raises UsageError for missing inputs, two inputs
-    with the same output, or an output that is an input."""
-    from idguard_jax.image_files import list_images
-
-    out_root = os.path.abspath(args.out)
-    jobs = []
-    for arg in args.inputs:
-        if os.path.isdir(arg):
-            found = list_images(arg, recursive=args.recursive)
-            jobs += [(f, os.path.join(out_root, os.path.relpath(f, arg))) for f in found]
-        elif os.path.isfile(arg):
-            jobs.append((arg, os.path.join(out_root, os.path.basename(arg))))
-        else:
-            raise UsageError(f"{arg}: no such file or folder")
-    if args.png:
-        jobs = [(s, os.path.splitext(o)[0] + ".png") for s, o in jobs]
-    sources = {os.path.realpath(s): s for s, _ in jobs}
-    seen: dict[str, str] = {}
-    for source, output in jobs:
-        real = os.path.realpath(output)
-        if real in sources:
-            raise UsageError(f"{source}: its output {output} would overwrite an input; "
-                             f"choose another --out")
-        if real in seen:
-            raise UsageError(f"{seen[real]} and {source} would both be written to {output}")
-        seen[real] = source
-    return jobs
-
-
-def _check_out(out: str) -> None:
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot create the folder ({e.strerror})") from e
-    probe = os.path.join(out, f".idguard-write-probe-{os.getpid()}")
-    try:
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write into the folder ({e.strerror})") from e
-
-
-def _remove_stale_temporaries(jobs) -> None:
-    """Temporary outputs left by an interrupted run (ours: '.NAME.idguard-tmp-PID')."""
-    from idguard_jax.protection.photos import TMP_MARK
-
-    for folder in {os.path.dirname(o) for _, o in jobs}:
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.startswith(".") and TMP_MARK in name:
-                    os.remove(os.path.join(folder, name))
-
-
 def _summary(outcomes, skipped, seconds, stream) -> None:
     from idguard_jax.protection import photos
 
@@ -177,46 +116,50 @@ def _summary(outcomes, skipped, seconds, stream) -> None:
         print(f"FAILED {o.error}", file=stream)
 
 
-def main(argv=None) -> int:
-    args = parser().parse_intermixed_args(argv)
-    try:
-        _check_args(args)
-        jobs = plan(args)
-        if not jobs:
-            raise UsageError("no photos found in " + " ".join(args.inputs)
-                             + ("" if args.recursive else " (sub-folders need --recursive)"))
-        existing = [o for _, o in jobs if os.path.exists(o)]
-        if existing and not (args.resume or args.overwrite):
-            raise UsageError(f"{len(existing)} output(s) exist already, e.g. {existing[0]}; "
-                             f"--resume skips them, --overwrite replaces them")
-        if args.report and os.path.exists(args.report) and not args.overwrite:
-            raise UsageError(f"--report {args.report}: exists already (--overwrite replaces it)")
-        _check_out(args.out)
-        from idguard_jax.protection import faces as protect
+def _plan(args) -> list[tuple[str, str]]:
+    """The (source, output) pairs, after every check that needs no generator."""
+    from idguard_jax.protection import jobs as jobs_lib
 
-        try:
-            gen = protect.load(args.generator)
-        except Exception as e:
-            raise UsageError(f"--generator {args.generator}: cannot load a generator ({e})") from e
-    except UsageError as e:
-        print(f"idguard protect: {e}", file=sys.stderr)
-        return 2
+    try:
+        jobs = jobs_lib.plan_jobs(args.inputs, args.out, recursive=args.recursive, png=args.png)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if not jobs:
+        raise UsageError("no photos found in " + " ".join(args.inputs)
+                         + ("" if args.recursive else " (sub-folders need --recursive)"))
+    existing = [o for _, o in jobs if os.path.exists(o)]
+    if existing and not (args.resume or args.overwrite):
+        raise UsageError(f"{len(existing)} output(s) exist already, e.g. {existing[0]}; "
+                         f"--resume skips them, --overwrite replaces them")
+    if args.report and os.path.exists(args.report) and not args.overwrite:
+        raise UsageError(f"--report {args.report}: exists already (--overwrite replaces it)")
+    try:
+        jobs_lib.check_writable(args.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return jobs
+
+
+def _load_generator(path: str):
+    from idguard_jax.protection import faces as protect
+
+    try:
+        return protect.load(path)
+    except Exception as e:
+        raise UsageError(f"--generator {path}: cannot load a generator ({e})") from e
+
+
+def _protect(args, gen, todo) -> tuple[list, float, int]:
+    """Protect `todo` with a progress bar: (outcomes, seconds, 0 or 130 if interrupted)."""
+    from tqdm import tqdm
 
     from idguard_jax.protection import photos
-    from idguard_jax.progress import Progress
 
-    _remove_stale_temporaries(jobs)
-    skipped = [s for s, o in jobs if args.resume and os.path.exists(o)]
-    todo = [(s, o) for s, o in jobs if not (args.resume and os.path.exists(o))]
     options = photos.PhotoOptions(
         eps=args.eps, min_face=args.min_face, no_face=args.no_face,
         output_format="PNG" if args.png else None, jpeg_quality=args.jpeg_quality,
         strip_metadata=args.strip_metadata, batch_size=args.batch_size, workers=args.workers)
-    eps = gen.config.eps if args.eps is None else args.eps
-    print(f"protecting {len(todo)} photo(s) with eps {eps:g} ([-1, 1] units; at most "
-          f"{int(eps * 127.5)} grey levels per channel), generator {args.generator}"
-          + (f"; {len(skipped)} already done" if skipped else ""), file=sys.stderr)
-    bar = Progress(len(todo), desc="protect", unit="img")
+    bar = tqdm(total=len(todo), desc="protect", unit="img", disable=None)  # tty only
     outcomes = []
 
     def on_result(o):
@@ -231,7 +174,30 @@ def main(argv=None) -> int:
         status = 130
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
+    return outcomes, time.perf_counter() - t0, status
+
+
+def main(argv=None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    try:
+        _check_args(args)
+        jobs = _plan(args)
+        gen = _load_generator(args.generator)
+    except UsageError as e:
+        print(f"idguard protect: {e}", file=sys.stderr)
+        return 2
+    from idguard_jax.images import eps_grey_levels
+    from idguard_jax.protection import photos
+    from idguard_jax.protection.jobs import remove_stale_temporaries
+
+    remove_stale_temporaries(jobs)
+    skipped = [s for s, o in jobs if args.resume and os.path.exists(o)]
+    todo = [(s, o) for s, o in jobs if not (args.resume and os.path.exists(o))]
+    eps = gen.config.eps if args.eps is None else args.eps
+    print(f"protecting {len(todo)} photo(s) with eps {eps:g} ([-1, 1] units; at most "
+          f"{eps_grey_levels(eps)} grey levels per channel), generator {args.generator}"
+          + (f"; {len(skipped)} already done" if skipped else ""), file=sys.stderr)
+    outcomes, seconds, status = _protect(args, gen, todo)
     _summary(outcomes, skipped, seconds, sys.stdout)
     if args.report:
         with open(args.report, "w") as f:

@@ -19,9 +19,6 @@ import dataclasses
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
 
@@ -62,120 +59,101 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
+
+
+def _config(args):
+    """The run's TrainConfig from --config, --strategy, --steps and --set (ValueError if bad),
+    with identity 'auto' resolved against --weights."""
+    from idguard_jax import config as config_lib
+    from idguard_jax.training import frozen as frozen_lib
+
+    cfg = config_lib.demo() if args.config == "demo" else config_lib.paper()
+    if args.strategy:
+        cfg = dataclasses.replace(cfg, strategy=args.strategy)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, num_steps=args.steps)
+    cfg = config_lib.apply_overrides(cfg, args.set)
+    resolved = frozen_lib.resolve_identity(cfg, args.weights)
+    if cfg.identity == "auto" and resolved.identity == "dlib":
+        _note("no converted ArcFace in --weights: the identity loss uses dlib's face "
+              "recognition network (cosine of its descriptors)")
+    return resolved
+
+
+def _report_missing(problems: list[str]) -> int:
+    print("Cannot start training; missing:", file=sys.stderr)
+    for p in problems:
+        print(f"  - {p}", file=sys.stderr)
+    return 2
+
+
+def _open_faces(cfg, data_dir: str):
+    """The training faces (a cache or a folder); FileNotFoundError / ValueError if unusable."""
+    from idguard_jax.data.datasets import open_dataset
+    from idguard_jax.networks import identity
+
+    chip_based = identity.build(cfg.identity).chip_based
+    try:
+        faces = open_dataset(data_dir, cfg.image_size, seed=cfg.seed, landmarks=chip_based)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"--data {e}") from e
+    for note in faces.notes:
+        _note(note)
+    if len(faces) < cfg.batch_size:
+        raise ValueError(f"--data {data_dir}: {len(faces)} images, fewer than one batch of "
+                         f"{cfg.batch_size} (lower it with --set batch_size=N)")
+    return faces
+
+
+def _frozen(cfg, args):
+    """The targets' and identity network's weights: random for the demo, else --weights."""
+    import jax
+
+    from idguard_jax.training import frozen as frozen_lib
+
+    if args.config == "demo":
+        return frozen_lib.init_frozen_random(cfg, jax.random.key(cfg.seed + 1))
+    if cfg.identity == "standin":
+        _note("the identity network is a RANDOM stand-in (--set identity=arcface for the "
+              "paper's)")
+    return frozen_lib.load_frozen(cfg, args.weights)
+
+
+def _delta_p(cfg, prior: str | None):
+    if prior is None:
+        _note("no --prior: delta_p starts at zero (the paper starts from a PGD prior made by "
+              "experiments/prior.py)")
+        return None
+    from idguard_jax.training.prior import load_prior
+    return load_prior(prior, cfg.image_size)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.distributed:   # before any other JAX work
         from idguard_jax.training.runner import initialize_distributed
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from idguard_jax import config as config_lib
+    from idguard_jax.training.runner import fit, missing_inputs
 
     try:
-        cfg = config_lib.demo() if args.config == "demo" else config_lib.paper()
-        if args.strategy:
-            cfg = dataclasses.replace(cfg, strategy=args.strategy)
-        if args.steps is not None:
-            cfg = dataclasses.replace(cfg, num_steps=args.steps)
-        cfg = config_lib.apply_overrides(cfg, args.set)
+        cfg = _config(args)
     except ValueError as e:
         return _fail(str(e))
-
-    if cfg.identity == "auto":
-        from idguard_jax.networks.identity import default_loss_network
-        cfg = dataclasses.replace(cfg, identity=default_loss_network(args.weights))
-        if cfg.identity == "dlib":
-            print("note: no converted ArcFace in --weights: the identity loss uses dlib's face "
-                  "recognition network (cosine of its descriptors)", file=sys.stderr)
     data_dir = args.data or (DEMO_FACES if args.config == "demo" else None)
-    problems = []
-    if data_dir is None:
-        problems.append("--data: give a folder of aligned face images (CelebA-HQ-like, any size; "
-                        "they are resized to the configured image_size)")
-    elif not os.path.isdir(data_dir):
-        problems.append(f"--data {data_dir}: no such folder")
-    if args.config == "paper":
-        if args.weights is None:
-            problems.append("--weights: give the folder of converted targets; convert each "
-                            "official checkpoint once with: " + "; ".join(
-                                f"python convert/convert.py {t} CHECKPOINT weights/"
-                                for t in cfg.targets))
-        else:
-            needed = list(cfg.targets) + ([cfg.identity] if cfg.identity not in
-                                          ("standin", "dlib") else [])
-            for t in needed:
-                if not os.path.isdir(os.path.join(args.weights, t)):
-                    problems.append(f"--weights {args.weights}: no converted {t!r}; run: python "
-                                    f"convert/convert.py {t} CHECKPOINT {args.weights}")
-    if args.prior is not None and not os.path.isdir(args.prior):
-        problems.append(f"--prior {args.prior}: no such bundle folder (make one with "
-                        "python experiments/prior.py)")
+    problems = missing_inputs(cfg, data=data_dir, weights=args.weights, prior=args.prior,
+                              converted=args.config == "paper")
     if problems:
-        print("Cannot start training; missing:", file=sys.stderr)
-        for p in problems:
-            print(f"  - {p}", file=sys.stderr)
-        return 2
-
-    import jax
-
-    from idguard_jax.data import datasets as data_lib
-    from idguard_jax.networks import identity
-    from idguard_jax.networks import targets
-    from idguard_jax.training import step as train
-    from idguard_jax.data.cache import open_cache
-    from idguard_jax.training.runner import fit
-
-    workdir = args.workdir or os.path.join("runs", f"{args.config}-{cfg.strategy}")
+        return _report_missing(problems)
     if args.config == "demo":
         print("DEMO: small randomly initialised targets and identity network, stand-in masks; "
               "this shows the training machinery, not the paper's results.", file=sys.stderr)
+    workdir = args.workdir or os.path.join("runs", f"{args.config}-{cfg.strategy}")
     try:
-        chip_based = identity.build(cfg.identity).chip_based
-        if os.path.exists(os.path.join(data_dir, "meta.json")):   # a cache from prepare.py
-            faces = open_cache(data_dir)
-            if faces.images.shape[1] != cfg.image_size:
-                return _fail(f"--data {data_dir}: cached at {faces.images.shape[1]} px, the "
-                             f"config trains at {cfg.image_size} px")
-            if chip_based and faces.landmarks is None:
-                return _fail(f"--data {data_dir}: identity {cfg.identity!r} needs landmarks; "
-                             "rebuild the cache with experiments/prepare.py --landmarks")
-        else:
-            faces = data_lib.folder_dataset(data_dir, cfg.image_size, seed=cfg.seed,
-                                            landmarks=chip_based)
-    except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
-    for note in faces.notes:
-        print(f"note: {note}", file=sys.stderr)
-    if len(faces) < cfg.batch_size:
-        return _fail(f"--data {data_dir}: {len(faces)} images, fewer than one batch of "
-                     f"{cfg.batch_size} (lower it with --set batch_size=N)")
-
-    setup = train.create_setup(cfg)
-    if args.config == "demo":
-        frozen = train.init_frozen_random(setup, jax.random.key(cfg.seed + 1))
-    else:
-        tvars = {}
-        try:
-            for name in cfg.targets:
-                _, tvars[name] = targets.load(name, args.weights)
-        except (FileNotFoundError, ValueError) as e:
-            return _fail(str(e))
-        if cfg.identity == "standin":
-            print("note: the identity network is a RANDOM stand-in (--set identity=arcface for "
-                  "the paper's)", file=sys.stderr)
-            _, ivars = identity.init_random(cfg.identity, jax.random.key(cfg.seed + 1),
-                                            **dict(cfg.identity_config))
-        else:
-            _, ivars = identity.load(cfg.identity, args.weights, cfg.identity_normalisation)
-        frozen = {"targets": tvars, "identity": ivars}
-
-    delta_p = None
-    if args.prior:
-        from idguard_jax.training.prior import load_prior
-        delta_p = load_prior(args.prior, cfg.image_size)
-    else:
-        print("note: no --prior: delta_p starts at zero (the paper starts from a PGD prior made "
-              "by experiments/prior.py)", file=sys.stderr)
-
-    try:
+        faces = _open_faces(cfg, data_dir)
+        frozen = _frozen(cfg, args)
+        delta_p = _delta_p(cfg, args.prior)
         fit(cfg, faces, frozen, workdir, resume=args.resume, delta_p=delta_p)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))

@@ -20,15 +20,9 @@ import json
 import os
 import sys
 
-import numpy as np
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from idguard_jax.networks.targets import TARGETS  # noqa: E402  (after the path set-up above
+from idguard_jax.networks.targets import TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
-
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,51 +54,31 @@ def _available(weights: str) -> list[str]:
     return [n for n in ALL_TARGETS if os.path.isdir(os.path.join(weights, n))]
 
 
-def main(argv=None) -> int:
-    args = parser().parse_intermixed_args(argv)
+def _target_names(args) -> list[str]:
+    """--targets, else every target converted in --weights, else (random) every target."""
+    if args.targets:
+        return args.targets.split(",")
+    return _available(args.weights) if args.weights else list(ALL_TARGETS)
+
+
+def _check_args(args) -> str | None:
+    """What is wrong with the arguments (None: nothing)."""
     if not args.weights and not args.random_targets:
-        return _fail("give --weights (converted targets) or --random-targets (a demo)")
+        return "give --weights (converted targets) or --random-targets (a demo)"
     if args.weights and not os.path.isdir(args.weights):
-        return _fail(f"--weights {args.weights}: no such folder")
-    names = args.targets.split(",") if args.targets else (
-        _available(args.weights) if args.weights else list(ALL_TARGETS))
+        return f"--weights {args.weights}: no such folder"
+    names = _target_names(args)
     unknown = [n for n in names if n not in ALL_TARGETS]
     if unknown:
-        return _fail(f"--targets: unknown {', '.join(unknown)} (known: {', '.join(ALL_TARGETS)})")
+        return f"--targets: unknown {', '.join(unknown)} (known: {', '.join(ALL_TARGETS)})"
     if not names:
-        return _fail(f"--weights {args.weights}: no converted target found "
-                     f"(expected sub-folders named {', '.join(ALL_TARGETS)})")
-    from idguard_jax.faces import align
-    from idguard_jax.evaluation import measure as evaluation
-    from idguard_jax.evaluation import report
-    from idguard_jax.faces.detection import FaceAnalyzer
-    from idguard_jax.protection.photo_io import read_photo
+        return (f"--weights {args.weights}: no converted target found "
+                f"(expected sub-folders named {', '.join(ALL_TARGETS)})")
+    return None
 
-    try:
-        original, protected = read_photo(args.original), read_photo(args.protected)
-    except ValueError as e:
-        return _fail(str(e))
-    if original.upright.shape != protected.upright.shape:
-        return _fail(f"{args.protected}: {protected.upright.shape[1]}x"
-                     f"{protected.upright.shape[0]} px, but {args.original} is "
-                     f"{original.upright.shape[1]}x{original.upright.shape[0]}: not the same photo")
-    try:
-        models = evaluation.load_models(names, None if args.random_targets else args.weights,
-                                        image_size=64, size=args.random_targets or "tiny")
-        judge = evaluation.make_judge(args.identity, args.weights)
-    except (ValueError, OSError, FileNotFoundError) as e:
-        return _fail(str(e))
-    size = 64 if args.random_targets else 256   # the frame the official targets were trained at
-    analyzer = FaceAnalyzer()
-    faces = align.analyse_image(original.upright, analyzer, size, min_face=1)
-    if not faces:
-        return _fail(f"{args.original}: no face found")
-    faces = faces if args.all_faces else faces[:1]
-    clean = np.stack([f.image for f in faces])
-    prot = np.stack([align.cut_aligned(protected.upright, f.transform, size) for f in faces])
-    m = evaluation.measure(models, clean, prot, judge,
-                           input_face_masks=np.stack([f.face_mask for f in faces]))
-    if models.random:
+
+def _print_table(m: dict, rows: list[dict], random_targets: bool) -> None:
+    if random_targets:
         print("NOTE: the targets are RANDOM stand-ins (--random-targets): these numbers show the "
               "machinery, not whether the protection works on real models.")
     print(f"identity judge: {m['judge']}")
@@ -113,26 +87,42 @@ def main(argv=None) -> int:
           + ", ".join(f"{v:.3f}" for v in m["ssim"]))
     id_col = "ID sim" if m["criterion"] == "cosine" else "ID distance"
     print(f"\n{'target':<8} {'cond':>4} {'face':>4} {'L2_face':>8} {id_col:>11} {'success':>8}")
-    wins = total = 0
-    rows, columns = [], [[], [], [], []]
-    for name, r in m["targets"].items():
-        ident = r["id_sim"] if m["criterion"] == "cosine" else r["id_distance"]
-        for k in range(r["l2_face"].shape[0]):
-            for i in range(r["l2_face"].shape[1]):
-                ok = bool(r["dsr"][k, i])
-                wins, total = wins + ok, total + 1
-                print(f"{name:<8} {k:>4} {i:>4} {r['l2_face'][k, i]:>8.4f} {ident[k, i]:>11.3f} "
-                      f"{'yes' if ok else 'no':>8}")
-                rows.append({"target": name, "condition": k, "face": i,
-                             "l2_face": float(r["l2_face"][k, i]), "identity": float(ident[k, i]),
-                             "success": ok})
-                for col, img in zip(columns, (clean[i], r["manipulated_clean"][k, i], prot[i],
-                                              r["manipulated_protected"][k, i])):
-                    col.append(evaluation.as_float(img[None])[0])
-    print(f"\nthe defence succeeds on {wins} of {total} manipulations "
+    for r in rows:
+        print(f"{r['target']:<8} {r['condition']:>4} {r['face']:>4} {r['l2_face']:>8.4f} "
+              f"{r['identity']:>11.3f} {'yes' if r['success'] else 'no':>8}")
+    wins = sum(r["success"] for r in rows)
+    print(f"\nthe defence succeeds on {wins} of {len(rows)} manipulations "
           f"(L2_face > 0.05 and identity destroyed: {m['judge']})")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    problem = _check_args(args)
+    if problem:
+        return _fail(problem)
+    from idguard_jax.evaluation import judge as judge_lib
+    from idguard_jax.evaluation import measure
+    from idguard_jax.evaluation import photo_pair
+    from idguard_jax.evaluation import report
+
+    try:
+        original, protected = photo_pair.read_pair(args.original, args.protected)
+        models = measure.load_models(_target_names(args),
+                                        None if args.random_targets else args.weights,
+                                        image_size=64, size=args.random_targets or "tiny")
+        judge = judge_lib.make_judge(args.identity, args.weights)
+    except (ValueError, OSError, FileNotFoundError) as e:
+        return _fail(str(e))
+    size = 64 if args.random_targets else 256   # the frame the official targets were trained at
+    pair = photo_pair.align_pair(original, protected, size, all_faces=args.all_faces)
+    if pair is None:
+        return _fail(f"{args.original}: no face found")
+    m = measure.measure(models, pair.clean, pair.protected, judge,
+                           input_face_masks=pair.face_masks)
+    rows = photo_pair.manipulation_rows(m)
+    _print_table(m, rows, models.random)
     if args.out:
-        report.write_grid(args.out, [np.stack(c) for c in columns])
+        report.write_grid(args.out, photo_pair.grid_columns(m, pair))
         print(f"grid (original | manipulated | protected | manipulated protected): {args.out}")
     if args.json:
         with open(args.json, "w") as f:

@@ -59,19 +59,57 @@ def read_meta(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def load_bundle(path: str | os.PathLike, abstract_tree: Any = None) -> tuple[Any, dict]:
-    """Read a bundle: (tree of numpy/jax arrays, meta).
+def load_bundle(path: str | os.PathLike, *, kind: str | None = None, abstract: Any = None,
+                what: str | None = None, hint: str = "") -> tuple[Any, dict]:
+    """Read a bundle: (tree of numpy arrays, meta), refusing one that is not what the caller wants.
 
-    With `abstract_tree` (e.g. from `jax.eval_shape`) the stored shapes must match it.
+    kind: the meta's 'kind' must equal it (`what` names such a bundle in the error).
+    abstract: the expected tree (arrays or jax.ShapeDtypeStruct, e.g. from jax.eval_shape), or a
+    function meta -> that tree (when the shapes follow from the stored config; it may raise
+    ValueError to refuse the meta). A dict names the top-level entries it checks (others, e.g.
+    a generator's delta_p, are the caller's to check); each must match leaf for leaf, in names
+    and shapes. Errors name `path`, the first mismatching leaf and `hint` (how to make the
+    right bundle).
     """
     path = os.path.abspath(os.fspath(path))
     meta = read_meta(path)
-    ckptr = ocp.StandardCheckpointer()
-    if abstract_tree is None:
-        tree = ckptr.restore(os.path.join(path, _TREE))
-    else:
-        tree = ckptr.restore(os.path.join(path, _TREE), abstract_tree)
+    if kind is not None and meta.get("kind") != kind:
+        raise ValueError(f"{path}: not a {what or kind} bundle (kind={meta.get('kind')!r})"
+                         + (f"; {hint}" if hint else ""))
+    tree = ocp.StandardCheckpointer().restore(os.path.join(path, _TREE))
+    if abstract is not None:
+        try:
+            expected = abstract(meta) if callable(abstract) else abstract
+        except ValueError as e:   # the meta says it is not what the caller wants
+            raise ValueError(f"{path}: {e}" + (f"; {hint}" if hint else "")) from None
+        if isinstance(expected, dict) and isinstance(tree, dict):
+            got = {k: tree[k] for k in expected if k in tree}
+        else:
+            got = tree
+        mismatch = _first_mismatch(got, expected)
+        if mismatch:
+            raise ValueError(f"{path}: {mismatch}" + (f"; {hint}" if hint else ""))
     return tree, meta
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+            tuple(np.shape(leaf)) for path, leaf in flat}
+
+
+def _first_mismatch(tree: Any, expected: Any) -> str | None:
+    """What first differs between the stored `tree` and `expected` (names, then shapes)."""
+    got, want = _leaf_shapes(tree), _leaf_shapes(expected)
+    for name in want:
+        if name not in got:
+            return f"leaf {name} is missing (expected shape {want[name]})"
+        if got[name] != want[name]:
+            return f"leaf {name} has shape {got[name]}, expected {want[name]}"
+    for name in got:
+        if name not in want:
+            return f"leaf {name} (shape {got[name]}) is not in the expected tree"
+    return None
 
 
 class RunCheckpointer:

@@ -23,27 +23,28 @@ TARGET_SIZES = ("official", "demo", "tiny")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Every knob of a training run; `paper()`, `demo()` and `tiny()` below are its presets."""
     # data and budget
-    image_size: int = 256
-    batch_size: int = 32
+    image_size: int = 256             # side of the aligned faces, px
+    batch_size: int = 32              # global batch (split over devices)
     num_steps: int | None = None      # None: one epoch over the training images (the reference)
-    seed: int = 0
+    seed: int = 0                     # data order, initialisation and random targets
     # the generator and the perturbation budget (L-inf, in [-1, 1] units)
-    ngf: int = 64
-    n_blocks: int = 6
-    eps: float = 0.05
+    ngf: int = 64                     # generator width (the official 64)
+    n_blocks: int = 6                 # generator residual blocks (the official 6)
+    eps: float = 0.05                 # L-inf budget in [-1, 1] units (6 grey levels at 0.05)
     # what is attacked
-    targets: tuple[str, ...] = ("stargan", "aggan", "fpgan", "relgan", "hisd")
+    targets: tuple[str, ...] = ("stargan", "aggan", "fpgan", "relgan", "hisd")  # networks.targets
     target_size: str = "official"     # 'official', or the narrow random 'demo' / 'tiny' variants
     all_conditions: bool = False      # every condition each step instead of step mod count
     # network of the identity loss: 'auto' = a converted ArcFace (the reference's) if present,
     # else dlib's (offline, real); or any name in idguard_jax.networks.identity.IDENTITY_NETS
     identity: str = "auto"
-    identity_config: tuple[tuple[str, Any], ...] = ()
+    identity_config: tuple[tuple[str, Any], ...] = ()   # (field, value) architecture overrides
     identity_normalisation: str = "reference"   # 'reference' (what ID-Guard feeds) or 'trained'
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = LossConfig()   # mask mode and term weights (`--set loss.FIELD=...`)
     # how the per-target losses are weighted
-    strategy: str = "kpi"
+    strategy: str = "kpi"             # training.strategies.STRATEGIES
     prior_weights: str = "reference"  # 'reference' (1/10/1/10/100) or 'paper' (1/1/1/10/100)
     mgda_solver: str = "reference"    # 'reference' (its projected-gradient algorithm) or 'exact'
     mgda_gradients: str = "params"    # 'params' (the reference) or 'perturbation' (MGDA-UB)
@@ -54,9 +55,9 @@ class TrainConfig:
     # numerics
     dtype: str = "float32"            # compute dtype; master weights stay float32
     # bookkeeping
-    log_every: int = 1
-    checkpoint_every: int = 500
-    max_to_keep: int = 3
+    log_every: int = 1                # steps between JSON metric lines
+    checkpoint_every: int = 500       # steps between Orbax checkpoints (and at the end)
+    max_to_keep: int = 3              # checkpoints kept in WORKDIR/checkpoints
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

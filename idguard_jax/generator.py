@@ -1,9 +1,16 @@
 """ID-Guard's perturbation generator and how its output becomes a protected image.
 
-`ResnetGenerator` is the official `net/advGen.py::ResnetGenerator(norm_type='batch', input_nc=6)`
-(targets.md 0.4): reflection padding, BatchNorm, SELU outside the residual blocks and ReLU inside
+`ResnetGenerator` is the official `net/advGen.py::ResnetGenerator(norm_type='batch', input_nc=6)`:
+reflection padding, BatchNorm, SELU outside the residual blocks and ReLU inside
 them, transposed convs k3 s2 p1 output_padding 1, tanh. Submodule names mirror the official
 state_dict (`model0.{i}` -> `model0_{i}`), so an official `AdvG.pth` converts one to one.
+
+As the networks' adapters (`idguard_jax.networks`), the generator's static part (its hashable
+`GeneratorConfig`) comes first and its variables after:
+
+    cfg, variables = init_generator(GeneratorConfig(), key)
+    cfg, variables, delta_p = load_generator("runs/demo/generator")
+    x_adv = protect_eval(variables, delta_p, x, config=cfg, eps=cfg.eps)   # the one eval call
 """
 from __future__ import annotations
 
@@ -17,9 +24,9 @@ from flax import linen as nn
 
 from ports.layers import BatchNorm, clamp, conv2d, conv_transpose2d, reflect_conv2d
 
-__all__ = ["ResnetGenerator", "GeneratorConfig", "perturb", "init_generator", "init_kernel",
-           "fit_delta_p", "save_generator", "load_generator", "abstract_generator",
-           "init_bn_scale"]
+__all__ = ["ResnetGenerator", "GeneratorConfig", "Generator", "perturb", "protect_eval",
+           "init_generator", "init_kernel", "fit_delta_p", "save_generator", "load_generator",
+           "load_trained", "abstract_generator", "init_bn_scale", "GENERATOR_KIND"]
 
 Dtype = Any
 
@@ -98,13 +105,13 @@ class GeneratorConfig:
         return ResnetGenerator(ngf=self.ngf, n_blocks=self.n_blocks, dtype=dtype)
 
 
-def init_generator(key: jax.Array, cfg: GeneratorConfig) -> dict:
-    """Fresh generator variables {'params', 'batch_stats'} initialised as the reference does:
+def init_generator(cfg: GeneratorConfig, key: jax.Array) -> tuple[GeneratorConfig, dict]:
+    """(cfg, fresh variables {'params', 'batch_stats'}) initialised as the reference does:
     kernels N(0, 0.02), BN scales N(1, 0.02), biases 0 (drawn with NumPy: the module's own
     initializers give the same distributions but compile one program each)."""
     from idguard_jax.networks.random_init import random_variables
 
-    return random_variables(abstract_generator(cfg), key, kernel_std=0.02, scale_std=0.02)
+    return cfg, random_variables(abstract_generator(cfg), key, kernel_std=0.02, scale_std=0.02)
 
 
 def abstract_generator(cfg: GeneratorConfig) -> dict:
@@ -115,7 +122,7 @@ def abstract_generator(cfg: GeneratorConfig) -> dict:
 
 def perturb(module: ResnetGenerator, variables: dict, delta_p: jax.Array, x: jax.Array,
             eps: float, train: bool):
-    """The protected images of a batch (targets.md 0.4, paper eq. 12).
+    """The protected images of a batch (paper eq. 12).
 
     Args:
       variables: {'params', 'batch_stats'} of the generator.
@@ -139,6 +146,26 @@ def perturb(module: ResnetGenerator, variables: dict, delta_p: jax.Array, x: jax
     x_adv = clamp(x + pert, -1.0, 1.0)
     x_pri = clamp(x + p, -1.0, 1.0)
     return x_adv, x_pri, new_stats
+
+
+@functools.partial(jax.jit, static_argnames=("config", "eps", "dtype"))
+def protect_eval(variables: dict, delta_p: jax.Array, x: jax.Array, *, config: GeneratorConfig,
+                 eps: float, dtype: Dtype = None) -> jax.Array:
+    """The one eval-mode generator call: x (B, S, S, 3) float in [-1, 1] -> x_adv (B, S, S, 3)
+    float32, |x_adv - x| <= eps. BatchNorm uses its running statistics, so each image's
+    protection does not depend on its batch. Weights are arguments; `dtype` is the generator's
+    compute dtype (None: float32)."""
+    x_adv, _, _ = perturb(config.module(dtype), variables, delta_p, x.astype(jnp.float32), eps,
+                          train=False)
+    return x_adv
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """A trained generator: config, variables {'params', 'batch_stats'}, delta_p (S, S, 3)."""
+    config: GeneratorConfig
+    variables: dict
+    delta_p: jax.Array
 
 
 def fit_delta_p(delta_p, image_size: int, source: str = "delta_p") -> jax.Array:
@@ -180,22 +207,24 @@ def save_generator(path, variables: dict, delta_p, cfg: GeneratorConfig, extra_m
     return save_bundle(path, tree, meta, overwrite=overwrite)
 
 
-def load_generator(path) -> tuple[dict, jax.Array, GeneratorConfig]:
-    """Read a generator bundle: (variables {'params', 'batch_stats'}, delta_p (S, S, 3), config)."""
-    from idguard_jax.checkpoint import load_bundle, read_meta
+def load_generator(path) -> tuple[GeneratorConfig, dict, jax.Array]:
+    """Read a generator bundle: (config, variables {'params', 'batch_stats'}, delta_p (S, S, 3)).
 
-    meta = read_meta(path)
-    if meta.get("kind") != GENERATOR_KIND:
-        raise ValueError(f"{path}: not a generator bundle (kind={meta.get('kind')!r}); "
-                         "convert an official AdvG.pth with `python convert/convert.py generator ...` "
-                         "or export one with experiments/train.py")
+    Refuses another kind of bundle, or weights whose shapes do not match the stored config."""
+    from idguard_jax.checkpoint import load_bundle
+
+    tree, meta = load_bundle(
+        path, kind=GENERATOR_KIND, what="generator",
+        abstract=lambda meta: abstract_generator(GeneratorConfig(**meta["config"])),
+        hint="convert an official AdvG.pth with `python convert/convert.py generator ...` or "
+             "export one with experiments/train.py")
     cfg = GeneratorConfig(**meta["config"])
-    abstract = abstract_generator(cfg)
-    tree, _ = load_bundle(path)
     variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
-    got = jax.tree.map(lambda a: tuple(a.shape), variables)
-    want = jax.tree.map(lambda a: tuple(a.shape), abstract)
-    if got != want:
-        raise ValueError(f"{path}: generator weights do not match its config {cfg}")
     delta_p = fit_delta_p(tree["delta_p"], cfg.image_size, source=f"{path} delta_p")
-    return variables, delta_p, cfg
+    return cfg, variables, delta_p
+
+
+def load_trained(path) -> Generator:
+    """A generator bundle as a `Generator` with device arrays (what protection runs)."""
+    cfg, variables, delta_p = load_generator(path)
+    return Generator(cfg, jax.tree.map(jnp.asarray, variables), jnp.asarray(delta_p))

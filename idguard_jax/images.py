@@ -1,7 +1,9 @@
-"""Array image maths, the one place for it: uint8 <-> [-1, 1] and the align_corners resize.
+"""Array image maths, the one place for it: uint8 <-> [-1, 1], the L-inf budget in grey levels,
+and the align_corners resize.
 
 Images inside the library are NHWC float arrays in [-1, 1] (torchvision ToTensor + Normalize(0.5,
-0.5)); files and user-facing arrays are uint8 RGB.
+0.5)); files and user-facing arrays are uint8 RGB. One grey level is 1/127.5 in [-1, 1] units,
+so a budget eps there allows floor(eps * 127.5) whole levels in a uint8 image (6 at eps 0.05).
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["resize_align_corners", "to_float", "to_uint8"]
+__all__ = ["resize_align_corners", "to_float", "to_uint8", "as_float_images", "eps_grey_levels",
+           "clip_to_budget", "quantise_within"]
 
 
 def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -60,3 +63,36 @@ def to_uint8(images) -> np.ndarray:
     x = np.asarray(images, dtype=np.float32)
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
+
+
+def as_float_images(images) -> jax.Array | np.ndarray:
+    """uint8 [0, 255] (`to_float`) or float [-1, 1] images -> float32 [-1, 1], any shape.
+
+    A jax array stays one; anything else becomes a numpy array."""
+    if not isinstance(images, jax.Array):
+        images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return to_float(images)
+    return images.astype(jnp.float32 if isinstance(images, jax.Array) else np.float32)
+
+
+def eps_grey_levels(eps: float) -> int:
+    """The L-inf budget eps ([-1, 1] units) in whole grey levels of a uint8 image:
+    floor(eps * 127.5), e.g. 6 at eps 0.05."""
+    return int(np.floor(float(eps) * 127.5))
+
+
+def clip_to_budget(levels, original_u8, eps: float) -> np.ndarray:
+    """Grey levels (any float or int array) pulled back to within `eps_grey_levels(eps)` of the
+    uint8 `original_u8` (same shape) and into [0, 255]; returns uint8."""
+    orig = np.asarray(original_u8).astype(np.int32)
+    n = eps_grey_levels(eps)
+    lo, hi = np.maximum(orig - n, 0), np.minimum(orig + n, 255)
+    return np.clip(np.asarray(levels), lo, hi).astype(np.uint8)
+
+
+def quantise_within(original_u8, protected, eps: float) -> np.ndarray:
+    """Protected float images [-1, 1] as the uint8 image a user would save: rounded to the
+    nearest level (`to_uint8`), except where that would leave the budget eps around the
+    original (`clip_to_budget`)."""
+    return clip_to_budget(to_uint8(protected), original_u8, eps)

@@ -1,7 +1,7 @@
 """The ArcFace ID-Guard loads: foamliu/InsightFace-v2's SE-IR ResNet [3, 4, 23, 3], NHWC.
 
-ID-Guard's `net/arcface.py::ResNet` (targets.md 7c), whose `arcface_ir_se50.pth` is despite its
-name NOT TreB1eN's IR-SE50 (that one is `ports/irse.py`):
+ID-Guard's `net/arcface.py::ResNet` (foamliu/InsightFace-v2 style SE-LResNet-IR), whose
+`arcface_ir_se50.pth` is despite its name NOT TreB1eN's IR-SE50 (that one is `ports/irse.py`):
 
   conv1 3x3 s1 UNPADDED (112 -> 110) -> bn1 -> prelu -> max pool 2x2 (-> 55)
   -> layer1..4 of IRBlocks (64, 128, 256, 512 channels; strides 1, 2, 2, 2: 55 -> 28 -> 14 -> 7)

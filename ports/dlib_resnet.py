@@ -1,8 +1,8 @@
 """dlib's face recognition ResNet (`dlib_face_recognition_resnet_model_v1.dat`), NHWC.
 
-The network of dlib's `dnn_face_recognition_ex.cpp` (faces.md): a 150x150 RGB chip ->
-conv7 s2 (32) -> affine -> relu -> max pool 3 s2 -> 14 residual blocks (`BLOCKS`) -> global
-average pool -> fc 256 -> 128 without bias. Shapes 150 -> 72 -> 35 -> 35 -> 17 -> 8 -> 4 -> 2.
+The network of dlib's `examples/dnn_face_recognition_ex.cpp`: a 150x150 RGB chip -> conv7 s2 (32)
+-> affine -> relu -> max pool 3 s2 -> 14 residual blocks (`BLOCKS`) -> global average pool -> fc
+256 -> 128 without bias. Shapes 150 -> 72 -> 35 -> 35 -> 17 -> 8 -> 4 -> 2.
 
 Three dlib rules that differ from torch/Flax habits:
 - padding: a layer with stride != 1 pads nothing, a stride-1 layer pads k // 2 (convs and pools);
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.layers import conv2d
+from ports.layers import affine_params, conv2d
 
 __all__ = ["DlibFaceResNet", "BLOCKS", "STEM", "EMBED_DIM", "INPUT_SIZE", "DLIB_MEAN_RGB",
            "dlib_padding", "zero_padded_add"]
@@ -69,8 +69,7 @@ class _Affine(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = affine_params(self, c)
         return x * scale.astype(x.dtype) + bias.astype(x.dtype)
 
 

@@ -1,4 +1,5 @@
-"""HiSD's generator (imlixinyang/HiSD, as ID-Guard runs it: targets.md 0.2, 5), NHWC.
+"""HiSD's generator (imlixinyang/HiSD `core/networks.py::Gen`, as ID-Guard's `deepfake.py`
+runs it), NHWC.
 
     e = encoder(x)                                   # (B, H/4, W/4, 256): the mid features
     s = extractor(reference)[:, tag]                 # reference-guided, or
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.layers import conv2d, dense
+from ports.layers import affine_params, conv2d, dense
 
 __all__ = ["HiSDConfig", "HiSD", "CELEBA_HQ_256", "config_from_hyperparameters", "latent_noise"]
 
@@ -196,8 +197,7 @@ class InstanceNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = affine_params(self, c)
         return (_standardize(x) * scale + bias).astype(self.dtype or x.dtype)
 
 

@@ -1,6 +1,7 @@
 """deepinsight/insightface `recognition/arcface_torch` IResNet (iresnet50 / iresnet100), NHWC.
 
-`IResNet(IBasicBlock, layers)` (targets.md 7b), r50 [3, 4, 14, 3], r100 [3, 13, 30, 3]:
+`IResNet(IBasicBlock, layers)` (deepinsight/insightface
+`recognition/arcface_torch/backbones/iresnet.py`), r50 [3, 4, 14, 3], r100 [3, 13, 30, 3]:
 
   conv1 3x3 p1 -> bn1 -> prelu (PReLU(64))                              112
   layer1..4: IBasicBlocks of 64, 128, 256, 512 channels, EVERY stage starting with stride 2

@@ -1,6 +1,7 @@
 """TreB1eN/InsightFace_Pytorch IR-SE50 (`model_ir_se50.pth`, also pSp's/e4e's ID loss), NHWC.
 
-`Backbone(num_layers=50, mode='ir_se')` at 112 px (targets.md 7a):
+`Backbone(num_layers=50, mode='ir_se')` at 112 px (TreB1eN/InsightFace_Pytorch
+`model.py::Backbone`):
 
   input_layer: conv 3x3 p1 -> BN -> PReLU(64)          112
   body.0..23: bottleneck_IR_SE units, [3, 4, 14, 3] per stage of 64, 128, 256, 512 channels;

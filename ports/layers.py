@@ -21,8 +21,8 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 __all__ = [
-    "conv2d", "reflect_conv2d", "conv_transpose2d", "dense", "reflect_pad", "InstanceNorm", "BatchNorm", "clamp",
-    "PReLU", "flatten_nchw",
+    "affine_params", "conv2d", "reflect_conv2d", "conv_transpose2d", "dense", "reflect_pad",
+    "InstanceNorm", "BatchNorm", "clamp", "PReLU", "flatten_nchw",
 ]
 
 
@@ -96,6 +96,15 @@ def clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
     return jnp.where((x >= lo) & (x <= hi), x, jnp.clip(x, lo, hi))
 
 
+def affine_params(module: nn.Module, channels: int,
+                  scale_init: Callable = nn.initializers.ones) -> tuple[jax.Array, jax.Array]:
+    """A norm layer's per-channel float32 'scale' and 'bias' (torch's weight and bias), declared
+    on `module` inside its compact call."""
+    scale = module.param("scale", scale_init, (channels,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    return scale, bias
+
+
 def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """Mean and biased variance in float32, two-pass (no E[x^2] - E[x]^2 cancellation)."""
     x32 = x.astype(jnp.float32)
@@ -109,7 +118,7 @@ class InstanceNorm(nn.Module):
 
     This is what the StarGAN family runs: their norms carry running buffers
     (track_running_stats=True) but the reference never calls eval(), so per-image statistics are
-    used and the buffers are ignored (targets.md 10.1).
+    used and the buffers are ignored.
     """
     epsilon: float = 1e-5
     dtype: Dtype = None
@@ -117,8 +126,7 @@ class InstanceNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = affine_params(self, c)
         mean, var = _moments(x, (1, 2))
         y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         return y.astype(self.dtype or x.dtype)
@@ -139,8 +147,7 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = affine_params(self, c, self.scale_init)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         if use_running_average:

@@ -1,10 +1,11 @@
 """The RelGAN generator (elvisyjlin/RelGAN-PyTorch `G(n_c=3, n_z=5, n_repeat=6)`), NHWC.
 
-As ID-Guard runs it (targets.md 0.2, 4): the only target put in `eval()` mode, so its
-SwitchNorms mix per-image and per-layer statistics with the RUNNING batch statistics stored in the
-checkpoint. Trunk: conv7 -> 2 x (conv4 s2) -> `n_repeat` residual blocks -> 2 x (conv-transpose4 s2)
--> conv7 -> tanh, every conv with a bias, each followed by SwitchNorm and ReLU except the residual
-adds and the last conv. Widths are fixed by upstream: 64, 128, 256.
+As ID-Guard runs it (elvisyjlin/RelGAN-PyTorch `nn/G.py`, called from ID-Guard's `deepfake.py`):
+the only target put in `eval()` mode, so its SwitchNorms mix per-image and per-layer statistics
+with the RUNNING batch statistics stored in the checkpoint. Trunk: conv7 -> 2 x (conv4 s2) ->
+`n_repeat` residual blocks -> 2 x (conv-transpose4 s2) -> conv7 -> tanh, every conv with a bias,
+each followed by SwitchNorm and ReLU except the residual adds and the last conv. Widths are fixed
+by upstream: 64, 128, 256.
 
 Submodule names mirror the torch keys (`resb.3.f.4.running_var` -> batch_stats
 ('resb_3', 'f_4', 'var'); `conv_in.1.weight` (1, C, 1, 1) -> params ('conv_in_1', 'scale') (C,)),
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.layers import conv2d, conv_transpose2d
+from ports.layers import affine_params, conv2d, conv_transpose2d
 
 __all__ = ["SwitchNorm", "RelGANGenerator"]
 
@@ -43,8 +44,7 @@ class SwitchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = affine_params(self, c)
         mean_weight = self.param("mean_weight", nn.initializers.ones, (3,), jnp.float32)
         var_weight = self.param("var_weight", nn.initializers.ones, (3,), jnp.float32)
         # Upstream initialises both buffers to zero; checkpoints always overwrite them.

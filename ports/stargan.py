@@ -1,13 +1,14 @@
 """The StarGAN generator family (StarGAN v1, AttentionGAN multi-domain, Fixed-Point GAN), NHWC.
 
-All three share one trunk (targets.md 1-3): conv7 -> 2 x (conv4 s2) -> `repeat_num` residual
-blocks -> 2 x (conv-transpose4 s2) -> conv7, every conv without bias, each followed by an affine
-InstanceNorm and ReLU except the residual adds and the last conv. They differ only in the head.
+All three share one trunk (yunjey/stargan, Ha0Tang/AttentionGAN and mahfuzmohammad/Fixed-Point-GAN
+`model.py::Generator`): conv7 -> 2 x (conv4 s2) -> `repeat_num` residual blocks -> 2 x
+(conv-transpose4 s2) -> conv7, every conv without bias, each followed by an affine InstanceNorm and
+ReLU except the residual adds and the last conv. They differ only in the head.
 
 Submodule names mirror the torch `nn.Sequential` indices (`main.9.main.0.weight` ->
 ('main_9', 'main_0', 'kernel')), so an official `200000-G.ckpt` converts one to one. The norms
 use per-image statistics: the reference never calls `eval()`, so the running buffers stored in the
-official files are never read (targets.md 10.1) and have no counterpart here.
+official files are never read and have no counterpart here.
 """
 from __future__ import annotations
 

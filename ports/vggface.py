@@ -1,6 +1,7 @@
 """VGGFace (VGG-16, 2622 identities) in claudio-unipv/vggface-pytorch's layout, NHWC.
 
-The network ID-Guard loads from `vggface-9d491dd7c30312.pth` (targets.md 8a):
+The network ID-Guard loads from `vggface-9d491dd7c30312.pth` (claudio-unipv/vggface-pytorch's
+layout, ID-Guard's `net/vggface.py`):
 
   conv1..conv5: blocks of 2, 2, 3, 3, 3 convs 3x3 p1 with bias, each followed by ReLU, the block
       ending in max_pool2d(2, 2, ceil_mode=True)         224 -> 112 -> 56 -> 28 -> 14 -> 7
@@ -8,8 +9,8 @@ The network ID-Guard loads from `vggface-9d491dd7c30312.pth` (targets.md 8a):
 
 Dropout is the identity (eval mode, as ID-Guard's Grad-CAM runs it; the identity loss uses the
 conv5 map only). Input conventions (ID-Guard's denorm, upstream's mean) live in
-idguard_jax.networks.identity; this module takes the image as the first conv sees it. Keys mirror torch
-('conv3.convs.2.weight' -> ('conv3', 'convs_2', 'kernel')).
+idguard_jax.networks.identity; this module takes the image as the first conv sees it. Keys
+mirror torch ('conv3.convs.2.weight' -> ('conv3', 'convs_2', 'kernel')).
 """
 from __future__ import annotations
 

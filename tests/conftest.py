@@ -10,20 +10,32 @@ SHARED_FACES = os.environ.get("IDGUARD_FACES") or os.path.normpath(
     os.path.join(REPO, "..", "shared", "data", "faces"))
 
 
+@pytest.fixture
+def fast_compile():
+    """Fewer XLA optimisations: a big step (five targets, the ablation variants) compiles faster
+    and runs slower; its values are unchanged."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+def _shared(sub: str, what: str) -> str:
+    path = os.path.join(SHARED_FACES, sub)
+    if not os.path.isdir(path):
+        pytest.fail(f"{path}: the shared test {what} are missing (expected beside the repo)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_faces_dir():
-    path = os.path.join(SHARED_FACES, "celebahq")
-    if not os.path.isdir(path):
-        pytest.fail(f"{path}: the shared test faces are missing (expected beside the repo)")
-    return path
+    return _shared("celebahq", "faces")
 
 
 @pytest.fixture(scope="session")
 def shared_photos_dir():
-    path = os.path.join(SHARED_FACES, "photos")
-    if not os.path.isdir(path):
-        pytest.fail(f"{path}: the shared test photos are missing (expected beside the repo)")
-    return path
+    return _shared("photos", "photos")
 
 
 def save_bounded_generator(path, image_size: int, eps: float = 0.05) -> str:
@@ -35,7 +47,7 @@ def save_bounded_generator(path, image_size: int, eps: float = 0.05) -> str:
     from idguard_jax.generator import GeneratorConfig, init_generator, save_generator
 
     cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=image_size, eps=eps)
-    variables = init_generator(jax.random.key(0), cfg)
+    _, variables = init_generator(cfg, jax.random.key(0))
     last = max(variables["params"], key=lambda k: int(k.split("_")[1]))
     variables["params"][last]["kernel"] = variables["params"][last]["kernel"] * 1e3
     delta_p = 0.1 * jax.random.normal(jax.random.key(1), (image_size, image_size, 3))

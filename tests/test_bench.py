@@ -16,6 +16,7 @@ from experiments import ablations, bench
 from idguard_jax import config
 from idguard_jax.networks import gradcam
 from idguard_jax.training import step as train
+from idguard_jax.training.frozen import init_frozen_random
 from idguard_jax.networks.random_init import random_variables
 from ports.vggface import VGGFace
 
@@ -75,7 +76,6 @@ def test_bench_tiny_writes_every_field(tmp_path):
     assert set(variants) == {"ours", "features_twice"}
     for rec in variants.values():
         _check_timed(rec)
-    assert variants["ours"]["time_vs_ours"] == 1.0
     # The second target call for the features is real work in the optimised program.
     assert (variants["features_twice"]["compiled_flops_per_step"]
             > variants["ours"]["compiled_flops_per_step"])
@@ -111,14 +111,6 @@ def _rel_err(a, b):
     return worst
 
 
-@pytest.fixture
-def fast_compile():
-    """Fewer XLA optimisations: the many variants compile faster (their values are unchanged)."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["kpi", "mgda"])
 def test_ablation_steps_compute_the_library_step(strategy, fast_compile):
@@ -129,7 +121,8 @@ def test_ablation_steps_compute_the_library_step(strategy, fast_compile):
     state = train.init_state(setup, jax.random.key(0),
                              delta_p=0.03 * jax.random.normal(jax.random.key(5), (32, 32, 3)))
     vgg, vvars = _tiny_vggface()
-    frozen = {**train.init_frozen_random(setup, jax.random.key(1)), "vggface": vvars}
+    frozen = init_frozen_random(cfg, jax.random.key(1))
+    frozen = ablations.FrozenWithVGG(frozen.targets, frozen.identity, vvars)
     batch = bench.random_batch(cfg)
     x = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0
     batch["heatmap"] = gradcam.heatmaps(vgg, vvars, x)
@@ -140,18 +133,26 @@ def test_ablation_steps_compute_the_library_step(strategy, fast_compile):
     for wastes in variants:
         theirs = jax.jit(functools.partial(ablations.compute_gradients, setup, wastes=wastes,
                                            vgg=vgg))(state, batch, frozen)
-        assert _rel_err(theirs[0], ours[0]) < 1e-4, wastes
-        np.testing.assert_allclose(theirs[3], ours[3], rtol=1e-5, atol=1e-7)   # lambda
-        assert set(theirs[4]) == set(ours[4])
-        for k in ours[4]:
-            np.testing.assert_allclose(theirs[4][k], ours[4][k], rtol=1e-5, atol=1e-7,
+        assert _rel_err(theirs.grads, ours.grads) < 1e-4, wastes
+        np.testing.assert_allclose(theirs.weights, ours.weights, rtol=1e-5, atol=1e-7)
+        assert set(theirs.metrics) == set(ours.metrics)
+        for k in ours.metrics:
+            np.testing.assert_allclose(theirs.metrics[k], ours.metrics[k], rtol=1e-5, atol=1e-7,
                                        err_msg=f"{sorted(wastes)} {k}")
     if strategy == "kpi":   # the whole step, Adam included, with every waste
         new_ours, _ = train.make_train_step(setup, donate=False)(state, batch, frozen)
         new_ref, _ = ablations.make_step(setup, ablations.REFERENCE, vgg)(
             jax.tree.map(jnp.copy, state), batch, frozen)
-        for a, b in zip(jax.tree.leaves(new_ref), jax.tree.leaves(new_ours), strict=True):
-            np.testing.assert_allclose(a, b, atol=2e-4)   # Adam's first step moves ~lr = 1e-4
+        # Adam's first update is +-lr per element whatever the gradient, so the parameters
+        # cannot tell two gradients apart: compare what carries the gradient's values, Adam's
+        # moments (mu = (1 - b1) g, nu = (1 - b2) g^2), and the new BatchNorm statistics,
+        # each leaf relative to its largest entry
+        adam_ref, adam_ours = new_ref.opt_state[0], new_ours.opt_state[0]
+        assert int(adam_ref.count) == int(adam_ours.count) == 1
+        assert _rel_err(adam_ref.mu, adam_ours.mu) < 1e-4
+        assert _rel_err(adam_ref.nu, adam_ours.nu) < 2e-4
+        assert _rel_err(new_ref.batch_stats, new_ours.batch_stats) < 1e-5
+        assert int(new_ref.step) == int(new_ours.step) == 1
 
 
 def test_unknown_waste_is_refused():

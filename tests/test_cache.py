@@ -110,7 +110,7 @@ def test_landmarks_for_the_dlib_identity_network(shared_faces_dir, tmp_path):
     assert data.landmarks.shape == (36, 5, 2)
     assert np.all((data.landmarks > 0.1) & (data.landmarks < 0.9))   # aligned faces: central
     b = batch_at(data, np.array([0, 1]))
-    assert b["chip_warp"]["affine"].shape == (2, 2, 3)
+    assert b["chip_warp"].affine.shape == (2, 2, 3)
 
 
 def test_heatmaps_go_into_the_cache_resumably(shared_faces_dir, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from idguard_jax import config
 from idguard_jax.data import datasets as data
 from idguard_jax.protection import faces as protect
-from idguard_jax.training import step as train
+from idguard_jax.training.frozen import init_frozen_random
 from idguard_jax.training.runner import fit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,13 +28,12 @@ WORKER = textwrap.dedent("""
     import jax
     from idguard_jax import config
     from idguard_jax.data import datasets as data
-    from idguard_jax.training import step as train
+    from idguard_jax.training.frozen import init_frozen_random
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     cfg = config.tiny(targets=("stargan",), batch_size=4, num_steps=2, strategy="kpi")
     rows = process_rows(data_mesh(), cfg.batch_size)
     print("ROWS", jax.process_index(), rows.start, rows.stop, flush=True)
-    setup = train.create_setup(cfg)
-    frozen = train.init_frozen_random(setup, jax.random.key(1))
+    frozen = init_frozen_random(cfg, jax.random.key(1))
     faces = data.folder_dataset(FACES, 32, seed=0, limit=8)
     fit(cfg, faces, frozen, WORKDIR, progress=False)
 """)
@@ -70,8 +69,7 @@ def test_two_processes_train_like_one(shared_faces_dir, tmp_path):
     assert rows == [(0, 0, 2), (1, 2, 4)]
 
     cfg = config.tiny(targets=("stargan",), batch_size=4, num_steps=2, strategy="kpi")
-    setup = train.create_setup(cfg)
-    frozen = train.init_frozen_random(setup, jax.random.key(1))
+    frozen = init_frozen_random(cfg, jax.random.key(1))
     faces = data.folder_dataset(shared_faces_dir, 32, seed=0, limit=8)
     fit(cfg, faces, frozen, str(tmp_path / "single"), log=lambda line: None, progress=False)
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from idguard_jax import images
+from idguard_jax.evaluation import judge as judge_lib
 from idguard_jax.evaluation import measure as evaluation
 from idguard_jax.networks import identity
 from idguard_jax.evaluation import metrics
@@ -50,11 +52,11 @@ class _MeanColour(nn.Module):
         return jnp.mean(x, axis=(1, 2))
 
 
-def _colour_judge() -> evaluation.Judge:
+def _colour_judge() -> judge_lib.Judge:
     net = identity.IdentityNet(name="meancolour", module=_MeanColour(), input_size=S,
                                normalisation="reference", prepare_fn=lambda x: x,
                                feature_method=None, embed_method=None)
-    return evaluation.Judge(net, {}, "cosine", metrics.ID_SIM_SUCCESS)
+    return judge_lib.Judge(net, {}, "cosine", metrics.ID_SIM_SUCCESS)
 
 
 def test_measure_matches_hand_computed_metrics():
@@ -128,7 +130,7 @@ def test_quantised_protection_stays_in_the_budget():
     rng = np.random.default_rng(0)
     orig = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     prot = np.clip(orig / 127.5 - 1 + rng.uniform(-0.05, 0.05, orig.shape), -1, 1)
-    q = evaluation.quantise_within(orig, prot, 0.05)
+    q = images.quantise_within(orig, prot, 0.05)
     assert np.abs(q.astype(int) - orig.astype(int)).max() <= int(0.05 * 127.5)
     assert np.abs(q / 127.5 - 1 - prot).max() <= 1 / 127.5 + 1e-6
 
@@ -144,7 +146,7 @@ def test_dlib_masks_descriptors_and_misdirection_on_real_faces(faces64):
     image is misdirected (no face on it)."""
     models = evaluation.Models((_offset_target(np.zeros((64, 64, 3), np.float32)),),
                                {"offset": {}})
-    judge = evaluation.make_judge("dlib")
+    judge = judge_lib.make_judge("dlib")
     assert "distance >= 0.6" in judge.describe() and "face chips" in judge.describe()
     m = evaluation.measure(models, faces64, faces64, judge)
     r = m["targets"]["offset"]
@@ -160,7 +162,7 @@ def test_dlib_masks_descriptors_and_misdirection_on_real_faces(faces64):
 
 def _make_generator(path, size, seed, eps=0.05):
     cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=size, eps=eps)
-    v = init_generator(jax.random.key(seed), cfg)
+    _, v = init_generator(cfg, jax.random.key(seed))
     last = max(v["params"], key=lambda k: int(k.split("_")[1]))
     v["params"][last]["kernel"] = v["params"][last]["kernel"] * 1e3   # reach the eps bound
     save_generator(path, v, 0.04 * jax.random.normal(jax.random.key(seed + 1), (size, size, 3)),
@@ -237,14 +239,14 @@ def test_a_short_last_batch_does_not_compile_the_target_again():
                             make_conditions=_one_condition)
     models = evaluation.Models((target,), {"counting": {}})
     rng = np.random.default_rng(0)
-    for b in (3, 1, evaluation.CHUNK + 2):       # a full batch, a short one, two chunks
+    for b in (3, 1, judge_lib.CHUNK + 2):       # a full batch, a short one, two chunks
         x = rng.uniform(-0.5, 0.5, (b, S, S, 3)).astype(np.float32)
         r = evaluation.measure(models, x, x + 0.01, _colour_judge(), finder=None,
                                recognizer=None)["targets"]["counting"]
         assert r["l2_face"].shape == (1, b)
         np.testing.assert_allclose(r["l2_face"], 1e-4, rtol=1e-3)
     # vmap over the conditions traces the module once per compilation: one shape, one trace
-    assert len(_TRACES) == 1 and _TRACES[0][0] == evaluation.CHUNK
+    assert len(_TRACES) == 1 and _TRACES[0][0] == judge_lib.CHUNK
 
 
 def test_summarise_counts_undefined_values_and_misdirection_over_photos_with_a_face():
@@ -285,22 +287,23 @@ def test_robustness_table_cells_match_its_header():
 
 
 def test_judge_normalisation_is_explicit_and_described():
-    ref = evaluation.make_judge("standin")
-    trained = evaluation.make_judge("standin", normalisation="trained")
+    ref = judge_lib.make_judge("standin")
+    trained = judge_lib.make_judge("standin", normalisation="trained")
     assert ref.normalisation == "reference" and trained.normalisation == "trained"
     assert "'reference' input normalisation" in ref.describe()
     assert "'trained' input normalisation" in trained.describe()
     with pytest.raises(ValueError, match="normalisation 'imagenet'"):
-        evaluation.make_judge("standin", normalisation="imagenet")
+        judge_lib.make_judge("standin", normalisation="imagenet")
 
 
 def test_as_float_takes_uint8_and_float_images():
     u8 = np.array([0, 255, 128], np.uint8).reshape(1, 1, 1, 3)
-    np.testing.assert_allclose(evaluation.as_float(u8).ravel(), [-1.0, 1.0, 1 / 255],
+    np.testing.assert_allclose(images.as_float_images(u8).ravel(), [-1.0, 1.0, 1 / 255],
                                atol=1e-6)
-    assert evaluation.as_float(np.zeros((1, 2, 2, 3), np.float64)).dtype == np.float32
+    assert images.as_float_images(np.zeros((1, 2, 2, 3), np.float64)).dtype == np.float32
     with pytest.raises(ValueError, match="B, S, S, 3"):
-        evaluation.as_float(np.zeros((2, 2, 3), np.uint8))
+        evaluation.measure(None, np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 3), np.uint8),
+                           None)
 
 
 def test_evaluate_refuses_duplicate_labels_and_bad_options(shared_faces_dir, tmp_path, capsys):
@@ -327,6 +330,7 @@ def test_evaluate_baselines_end_to_end(shared_faces_dir, tmp_path, monkeypatch, 
     labels, every random use has its own key, and the tables carry the dataset."""
     from experiments import evaluate
     from idguard_jax.evaluation import baselines
+    from idguard_jax.evaluation import datasets as eval_data
 
     names = sorted(os.listdir(shared_faces_dir))
     for folder, picked in (("second", names[3:5]), ("fit", names[5:8])):
@@ -335,14 +339,14 @@ def test_evaluate_baselines_end_to_end(shared_faces_dir, tmp_path, monkeypatch, 
             shutil.copy(os.path.join(shared_faces_dir, n), tmp_path / folder)
     fit_labels = np.tile(np.array([[1, 0, 0, 1, 0]], np.float32), (3, 1))
     fit_labels[:, 4] = [0, 1, 1]
-    load = evaluate._load_dataset
+    load = eval_data.load_dataset
 
     def load_with_labels(path, size, limit):          # the fit set gets labels of its own
         name, images, labels, masks, notes = load(path, size, limit)
         if path == str(tmp_path / "fit"):
             labels = fit_labels[:len(images)]
         return name, images, labels, masks, notes
-    monkeypatch.setattr(evaluate, "_load_dataset", load_with_labels)
+    monkeypatch.setattr(eval_data, "load_dataset", load_with_labels)
     seen = {"batch": [], "chunk": set(), "keys": []}
 
     def key_of(k):
@@ -394,7 +398,7 @@ def test_evaluate_baselines_end_to_end(shared_faces_dir, tmp_path, monkeypatch, 
     assert {b for _, b in seen["batch"]} == {2}
     assert sorted({n for n, _ in seen["batch"]}) == ["cmua_apply", "disrupting", "pg_protect",
                                                      "pgd_all"]
-    assert seen["chunk"] == {evaluation.CHUNK}
+    assert seen["chunk"] == {judge_lib.CHUNK}
     shape, labels, kw = seen["cmua_fit"]
     assert shape == (2, S, S, 3) and kw["batch_size"] == 2
     np.testing.assert_array_equal(labels, fit_labels[:2])

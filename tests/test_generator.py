@@ -21,7 +21,7 @@ def test_official_size_parameter_count():
 
 
 def test_initialisation_is_the_references():
-    v = init_generator(jax.random.key(0), GeneratorConfig(ngf=16, n_blocks=2, image_size=32))
+    _, v = init_generator(GeneratorConfig(ngf=16, n_blocks=2, image_size=32), jax.random.key(0))
     k = np.asarray(v["params"]["model0_4"]["kernel"])
     assert abs(k.std() - 0.02) < 0.002 and abs(k.mean()) < 0.002
     s = np.asarray(v["params"]["model0_2"]["scale"])
@@ -31,7 +31,7 @@ def test_initialisation_is_the_references():
 
 def test_perturbation_rule():
     cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=16)
-    v = init_generator(jax.random.key(0), cfg)
+    _, v = init_generator(cfg, jax.random.key(0))
     last = max(v["params"], key=lambda k: int(k.split("_")[1]))
     v["params"][last]["kernel"] = v["params"][last]["kernel"] * 1e3   # saturate: hits +-eps
     x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3), minval=-1, maxval=1).at[0, 0].set(1.0)
@@ -65,10 +65,10 @@ def test_fit_delta_p_layouts_and_resize():
 
 def test_bundle_round_trip_and_no_overwrite(tmp_path):
     cfg = GeneratorConfig(ngf=4, n_blocks=1, image_size=16)
-    v = init_generator(jax.random.key(0), cfg)
+    _, v = init_generator(cfg, jax.random.key(0))
     dp = jnp.full((16, 16, 3), 0.01)
     save_generator(tmp_path / "g", v, dp, cfg)
-    v2, dp2, cfg2 = load_generator(tmp_path / "g")
+    cfg2, v2, dp2 = load_generator(tmp_path / "g")
     assert cfg2 == cfg
     for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(v2)):
         np.testing.assert_array_equal(a, b)

@@ -1,5 +1,5 @@
 """Grad-CAM++ heatmaps against an independent torch + NumPy computation of ID-Guard's
-`solver.heatmap` (pytorch-grad-cam 1.4.8 formulas, targets.md 8c), on a random narrow VGGFace
+`solver.heatmap` (pytorch-grad-cam 1.4.8 formulas), on a random narrow VGGFace
 converted and loaded as a user would; and the heatmap command line (resumable cache)."""
 import json
 

@@ -38,13 +38,13 @@ def _input(seed: int) -> torch.Tensor:
 
 
 def test_prior_and_config(converted):
-    _, prior, (_, delta_p, cfg) = converted
+    _, prior, (cfg, _, delta_p) = converted
     assert cfg.image_size == IMAGE_SIZE and cfg.ngf == 64 and cfg.n_blocks == 6
     np.testing.assert_array_equal(np.asarray(delta_p), prior[0].permute(1, 2, 0).numpy())
 
 
 def test_eval_mode_and_protected_image_match_torch(converted):
-    reference, prior, (variables, delta_p, cfg) = converted
+    reference, prior, (cfg, variables, delta_p) = converted
     module = cfg.module()
     reference.eval()
     x = _input(1)
@@ -63,7 +63,7 @@ def test_eval_mode_and_protected_image_match_torch(converted):
 
 
 def test_train_mode_and_running_statistics_match_torch(converted):
-    reference, _, (variables, _, cfg) = converted
+    reference, _, (cfg, variables, _) = converted
     module = cfg.module()
     reference.train()
     x = _input(2)

@@ -64,7 +64,7 @@ def _random_gen(seed: int) -> Gen:
 
 def test_official_parameter_counts():
     assert network_sizes()["hisd"] == 19_043_939
-    variables = targets.abstract_variables("hisd", 256)
+    variables = targets.abstract_variables("hisd", image_size=256)
     params = variables["params"]
 
     def count(prefix):
@@ -91,7 +91,7 @@ def test_official_keys_map_onto_the_port():
     assert state["translators.2.style_to_params.weight"].shape == (1792, 256)
     assert state["mappers.2.post_models.2.2.weight"].shape == (256, 256)
     assert "encoder.1.sc.bias" not in state and "translators.0.masks.0.bias" in state
-    abstract = targets.abstract_variables("hisd", 256)
+    abstract = targets.abstract_variables("hisd", image_size=256)
     variables = to_flax(state, {"params": abstract["params"]})  # raises on any key or shape
     assert variables["params"]["encoder_1"]["in1"]["scale"].shape == (64,)
 
@@ -200,7 +200,7 @@ def test_refusals(converted, tmp_path, capsys):
 
 def test_bfloat16_compute_stays_close():
     target = targets.build("hisd", SMALL)
-    abstract = targets.abstract_variables("hisd", SIZE, SMALL)
+    abstract = targets.abstract_variables("hisd", image_size=SIZE, config=SMALL)
     # Random values from numpy: compiling flax's initialisers would take longer than the test.
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(np.float32),

@@ -184,14 +184,14 @@ def test_trained_normalisation():
     unit = (F.interpolate(x, size=(112, 112), mode="bilinear", align_corners=True) + 1) / 2
     mean = torch.tensor(identity.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(identity.IMAGENET_STD)[:, None, None]
-    arc = identity.build("arcface", "trained", layers=ARCFACE_LAYERS)
+    arc = identity.build("arcface", {"layers": ARCFACE_LAYERS}, normalisation="trained")
     np.testing.assert_allclose(arc.prepare(_nhwc(x)), _nhwc((unit - mean) / std), atol=1e-5)
 
-    vgg = identity.build("vggface", normalisation="trained", **VGG_CONFIG)
+    vgg = identity.build("vggface", VGG_CONFIG, normalisation="trained")
     want = (resize_image(x, 224) + 1) / 2 - torch.tensor(identity.VGGFACE_MEAN_RGB)[:, None, None]
     np.testing.assert_allclose(vgg.prepare(_nhwc(x)), _nhwc(want), atol=1e-6)
     with pytest.raises(ValueError, match="normalisation"):
-        identity.build("arcface", "imagenet")
+        identity.build("arcface", normalisation="imagenet")
 
 
 @pytest.mark.parametrize("name, map_shape, emb_dim", [

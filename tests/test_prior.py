@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from idguard_jax.training import prior
-from idguard_jax.training import surrogate
+from idguard_jax.training import surrogate as surrogate_lib
 from idguard_jax.checkpoint import read_meta
 from idguard_jax.data.datasets import load_folder
 from idguard_jax.images import resize_align_corners, to_float
@@ -46,14 +46,15 @@ def faces() -> np.ndarray:
 @pytest.fixture(scope="module")
 def surrogate(faces):
     """A surrogate trained for 60 steps, its step wrapped so that a second trace fails."""
-    model = surrogate.SurrogateAutoencoder(width=WIDTH, depth=DEPTH)
+    model = surrogate_lib.SurrogateAutoencoder(width=WIDTH, depth=DEPTH)
     logs = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(surrogate, "_train_step", chex.assert_max_traces(surrogate._train_step, n=1))
-        variables = surrogate.train_surrogate(faces, steps=60, batch_size=8, learning_rate=3e-3,
+        mp.setattr(surrogate_lib, "_train_step",
+                   chex.assert_max_traces(surrogate_lib._train_step, n=1))
+        variables = surrogate_lib.train_surrogate(faces, steps=60, batch_size=8, learning_rate=3e-3,
                                           seed=0, width=WIDTH, depth=DEPTH, log_every=20,
                                           callback=logs.append)
-    initial = surrogate.train_surrogate(faces, steps=0, seed=0, width=WIDTH, depth=DEPTH)
+    initial = surrogate_lib.train_surrogate(faces, steps=0, seed=0, width=WIDTH, depth=DEPTH)
     return model, variables, initial, logs
 
 
@@ -72,13 +73,13 @@ def pgd_batch(faces, surrogate):
 
 def test_train_surrogate_lowers_loss_and_traces_once(faces, surrogate):
     model, variables, initial, logs = surrogate
-    before = surrogate.reconstruction_loss(model.apply, initial, faces)
-    after = surrogate.reconstruction_loss(model.apply, variables, faces)
+    before = surrogate_lib.reconstruction_loss(model.apply, initial, faces)
+    after = surrogate_lib.reconstruction_loss(model.apply, variables, faces)
     assert after < 0.5 * before, (before, after)
     assert [m["step"] for m in logs] == [20, 40, 60]
     assert logs[-1]["loss"] < logs[0]["loss"]
     # The same seed gives the same initialisation; init has the right structure.
-    again = surrogate.init_surrogate(0, model, SIZE)
+    again = surrogate_lib.init_surrogate(0, model, SIZE)
     chex.assert_trees_all_equal(again, initial)
     assert set(initial["params"]) == {"enc_in", "enc_1", "enc_2", "dec_2", "dec_1", "dec_out"}
 
@@ -163,8 +164,8 @@ def test_prior_bundle_roundtrip_and_resize(tmp_path):
 
 def test_surrogate_bundle_roundtrip_and_kind_checks(tmp_path, surrogate, faces):
     model, variables, _, _ = surrogate
-    spath = surrogate.save_surrogate(tmp_path / "s", model, variables, {"image_size": SIZE})
-    model2, variables2, meta = surrogate.load_surrogate(spath)
+    spath = surrogate_lib.save_surrogate(tmp_path / "s", model, variables, {"image_size": SIZE})
+    model2, variables2, meta = surrogate_lib.load_surrogate(spath)
     assert model2 == model and meta["kind"] == "idguard-surrogate" and meta["image_size"] == SIZE
     x = to_float(faces[:2])
     np.testing.assert_array_equal(np.asarray(model2.apply(variables2, x)),
@@ -173,7 +174,7 @@ def test_surrogate_bundle_roundtrip_and_kind_checks(tmp_path, surrogate, faces):
         prior.load_prior(spath, SIZE)
     ppath = prior.save_prior(tmp_path / "p", np.zeros((SIZE, SIZE, 3)), {})
     with pytest.raises(ValueError, match="not a surrogate bundle"):
-        surrogate.load_surrogate(ppath)
+        surrogate_lib.load_surrogate(ppath)
 
 
 def _run(capsys, *argv):

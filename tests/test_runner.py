@@ -11,7 +11,7 @@ import pytest
 
 from idguard_jax import config
 from idguard_jax.data import datasets as data
-from idguard_jax.training import step as train
+from idguard_jax.training.frozen import init_frozen_random
 from idguard_jax.training.runner import fit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +23,7 @@ def small_faces(shared_faces_dir):
 
 
 def _run(cfg, faces, workdir, **kw):
-    setup = train.create_setup(cfg)
-    frozen = train.init_frozen_random(setup, jax.random.key(1))
+    frozen = init_frozen_random(cfg, jax.random.key(1))
     return fit(cfg, faces, frozen, str(workdir), log=lambda line: None, progress=False, **kw)
 
 
@@ -89,13 +88,14 @@ MULTI_DEVICE = textwrap.dedent("""
     from idguard_jax.data import datasets as data
     from idguard_jax.data import loader
     from idguard_jax.training import step as train
+    from idguard_jax.training.frozen import init_frozen_random
     from idguard_jax.training.runner import data_mesh, replicate, shard_batch
     assert len(jax.devices()) == 2
     cfg = config.tiny(targets=("stargan", "fpgan"), batch_size=4, strategy="STRATEGY")
     setup = train.create_setup(cfg)
     state0 = train.init_state(setup, jax.random.key(0),
                               delta_p=0.03 * jax.random.normal(jax.random.key(2), (32, 32, 3)))
-    frozen = train.init_frozen_random(setup, jax.random.key(1))
+    frozen = init_frozen_random(cfg, jax.random.key(1))
     faces = data.folder_dataset(FACES, 32, limit=8)
     grads, states, metrics = [], [], []
     for devices in (jax.devices()[:1], jax.devices()):
@@ -105,7 +105,7 @@ MULTI_DEVICE = textwrap.dedent("""
                    for i in range(2)]
         assert len(batches[0]["image"].sharding.device_set) == len(devices)
         grads.append(jax.device_get(jax.jit(functools.partial(train.compute_gradients, setup))(
-            state, batches[0], fr)[0]))
+            state, batches[0], fr).grads))
         step = train.make_train_step(setup, donate=False)
         for b in batches:
             state, m = step(state, b, fr)

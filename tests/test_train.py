@@ -18,6 +18,7 @@ from idguard_jax.data import loader
 from idguard_jax.training import mgda
 from idguard_jax.networks import targets
 from idguard_jax.training import step as train
+from idguard_jax.training.frozen import Frozen, init_frozen_random
 from idguard_jax.generator import perturb
 from idguard_jax.training.losses import branch_losses
 from idguard_jax.training.strategies import weights_from_values
@@ -33,7 +34,7 @@ def _setup(**kw):
     setup = train.create_setup(cfg)
     state = train.init_state(setup, jax.random.key(0),
                              delta_p=0.03 * jax.random.normal(jax.random.key(5), (32, 32, 3)))
-    frozen = train.init_frozen_random(setup, jax.random.key(1))
+    frozen = init_frozen_random(cfg, jax.random.key(1))
     return setup, state, frozen
 
 
@@ -43,10 +44,10 @@ def _naive_losses(setup, state, batch, frozen, params, delta_p):
     x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
     x_adv, x_pri, _ = perturb(setup.generator, {"params": params, "batch_stats": state.batch_stats},
                               delta_p, x, cfg.eps, train=True)
-    idn, idv = setup.identity, frozen["identity"]
+    idn, idv = setup.identity, frozen.identity
     out = []
     for t in setup.targets:
-        tv = frozen["targets"][t.name]
+        tv = frozen.targets[t.name]
         c = t.select(t.conditions(batch["labels"]), state.step % t.num_conditions)
         o, f = jax.lax.stop_gradient(t.forward(tv, x, c))
         ido = jax.lax.stop_gradient(idn.features(idv, o))
@@ -75,8 +76,8 @@ def test_gradients_equal_plain_autodiff(faces, strategy):
     is the min-norm point of the plain per-target parameter gradients)."""
     setup, state, frozen = _setup(strategy=strategy, targets=("stargan", "aggan"))
     batch = _batch(faces)
-    grads, _, _, w, metrics = jax.jit(functools.partial(train.compute_gradients, setup))(
-        state, batch, frozen)
+    g = jax.jit(functools.partial(train.compute_gradients, setup))(state, batch, frozen)
+    grads, w, metrics = g.grads, g.weights, g.metrics
     naive = functools.partial(_naive_losses, setup, state, batch, frozen)
     L = jax.jit(naive)(state.params, state.delta_p)
     np.testing.assert_allclose([metrics["stargan/loss"], metrics["aggan/loss"]], L, rtol=1e-5)
@@ -95,14 +96,6 @@ def test_gradients_equal_plain_autodiff(faces, strategy):
 
 
 FIVE = ("stargan", "aggan", "fpgan", "relgan", "hisd")
-
-
-@pytest.fixture
-def fast_compile():
-    """Fewer XLA optimisations: compiles the five-target step faster, runs it slower."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
 
 
 @pytest.mark.parametrize("strategy", ["equal", "prior", "dtp", "hmm"])
@@ -168,15 +161,28 @@ def test_condition_is_step_mod_count(faces):
     grads = jax.jit(functools.partial(train.compute_gradients, setup))
     per_cond = []
     for s in range(5):
-        m = grads(state.replace(step=jnp.asarray(s + 5, jnp.int32)), batch, frozen)[4]
+        m = grads(state.replace(step=jnp.asarray(s + 5, jnp.int32)), batch, frozen).metrics
         per_cond.append(float(m["stargan/loss"]))
         naive = _naive_losses(setup, state.replace(step=jnp.asarray(s, jnp.int32)), batch, frozen,
                               state.params, state.delta_p)
         np.testing.assert_allclose(per_cond[-1], naive[0], rtol=1e-5)
     assert len(set(np.round(per_cond, 6))) > 1
     setup_all = dataclasses.replace(setup, cfg=dataclasses.replace(setup.cfg, all_conditions=True))
-    m = jax.jit(functools.partial(train.compute_gradients, setup_all))(state, batch, frozen)[4]
+    m = jax.jit(functools.partial(train.compute_gradients, setup_all))(
+        state, batch, frozen).metrics
     np.testing.assert_allclose(float(m["stargan/loss"]), np.mean(per_cond), rtol=1e-5)
+
+
+@pytest.mark.parametrize("identity", ["standin", "dlib", "arcface"])
+def test_bfloat16_reaches_every_network(identity):
+    """Under dtype=bfloat16 the generator, every target and the identity network compute in
+    bfloat16 (their modules' compute dtype; the parameters stay float32)."""
+    cfg = config.tiny(dtype="bfloat16", targets=FIVE, identity=identity,
+                      identity_config=(("width", 4),) if identity == "standin" else ())
+    setup = train.create_setup(cfg)
+    assert setup.generator.dtype == jnp.bfloat16
+    assert [t.module.dtype for t in setup.targets] == [jnp.bfloat16] * len(FIVE)
+    assert setup.identity.module.dtype == jnp.bfloat16
 
 
 def test_bfloat16_step_runs(faces):
@@ -193,7 +199,7 @@ def test_short_run_raises_every_targets_disruption(faces, strategy):
     setup, state, frozen = _setup(strategy=strategy, learning_rate=1e-2, batch_size=4, ngf=8,
                                   targets=FIVE)
     held_out = loader.batch_at(faces, np.arange(28, 36))
-    evaluate = jax.jit(lambda st: train.compute_gradients(setup, st, held_out, frozen)[4])
+    evaluate = jax.jit(lambda st: train.compute_gradients(setup, st, held_out, frozen).metrics)
     before = evaluate(state)
     step = train.make_train_step(setup)
     sampler = loader.BatchSampler(28, 4, seed=0)
@@ -208,21 +214,20 @@ def test_dlib_identity_loss_in_the_step(shared_faces_dir):
     """With the real offline dlib network the identity loss is minus the cosine of the
     descriptors of chips cut where the CLEAN faces' landmarks say, and it trains."""
     from idguard_jax.networks import dlib as dlib_face
-    from idguard_jax.networks import dlib_chips
     from idguard_jax.networks import identity
     faces = data.folder_dataset(shared_faces_dir, 64, limit=4, landmarks=True)
     cfg = config.tiny(image_size=64, targets=("stargan",), identity="dlib", identity_config=())
     setup = train.create_setup(cfg)
     state = train.init_state(setup, jax.random.key(0))
     net, ivars = identity.load("dlib", "no-such-weights-dir")       # the installed .dat
-    tvars = targets.init_random("stargan", jax.random.key(1), 64,
-                                targets.size_config("stargan", "tiny"))[1]
-    frozen = {"targets": {"stargan": tvars}, "identity": ivars}
+    tvars = targets.init_random("stargan", jax.random.key(1), image_size=64,
+                                config=targets.size_config("stargan", "tiny"))[1]
+    frozen = Frozen(targets={"stargan": tvars}, identity=ivars)
     batch = loader.batch_at(faces, np.arange(2))
-    grads, _, _, _, m = jax.jit(functools.partial(train.compute_gradients, setup))(
-        state, batch, frozen)
+    g = jax.jit(functools.partial(train.compute_gradients, setup))(state, batch, frozen)
+    grads, m = g.grads, g.metrics
     x = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1
-    warp = dlib_chips.ChipWarp(**batch["chip_warp"])
+    warp = batch["chip_warp"]
     np.testing.assert_allclose(net.features(ivars, x, batch["chip_warp"]),
                                dlib_face.face_descriptors(ivars, x, warp), atol=1e-5)
     x_adv, _, _ = perturb(setup.generator, {"params": state.params,

@@ -20,9 +20,9 @@ import os
 from typing import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from idguard_jax.data.datasets import FaceData
-from idguard_jax.progress import Progress
 
 __all__ = ["build_cache", "open_cache", "write_heatmaps", "FACE_MASKS_FILE"]
 
@@ -72,7 +72,8 @@ def build_cache(cache: str, names: Sequence[str], load: Callable[[int], tuple], 
             failed = json.load(f)
     status = arrays["status.u8"]
     todo = np.flatnonzero(status != DONE)
-    bar = Progress(len(names), "prepare", unit="img", start=len(names) - len(todo)) if progress else None
+    bar = (tqdm(total=len(names), desc="prepare", unit="img", initial=len(names) - len(todo),
+                disable=None) if progress else None)   # None: silent unless stderr is a tty
     for k, i in enumerate(todo):
         try:
             image, mask, labels, landmarks = load(int(i))
@@ -150,7 +151,8 @@ def write_heatmaps(cache: str, compute: Callable[[np.ndarray], np.ndarray], batc
                                      shape=(n,) if mode == "w+" else None)
     todo = np.flatnonzero((status == DONE) & (done == 0))
     had = int(np.sum((status == DONE) & (done == 1)))
-    bar = Progress(had + len(todo), "heatmaps", unit="img", start=had) if progress else None
+    bar = (tqdm(total=had + len(todo), desc="heatmaps", unit="img", initial=had, disable=None)
+           if progress else None)
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
         full = np.concatenate([idx, idx[np.arange(batch_size - len(idx)) % len(idx)]])

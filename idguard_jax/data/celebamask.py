@@ -1,4 +1,5 @@
-"""CelebAMask-HQ in its official layout, read the way the reference reads it (targets.md 0.3).
+"""CelebAMask-HQ in its official layout, read the way the reference reads it (the
+reference's `data/dataset.py`).
 
     ROOT/CelebA-HQ-img/{i}.jpg                                  1024 px faces
     ROOT/CelebAMask-HQ-mask-anno/{i // 2000}/{i:05d}_{part}.png  512 px binary part masks

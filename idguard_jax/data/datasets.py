@@ -1,4 +1,5 @@
-"""Datasets as arrays. (Issue 5 brings CelebAMask-HQ, alignment and the memory-mapped cache.)"""
+"""Datasets as arrays: FaceData, a folder of aligned faces with stand-in annotations, and
+`open_dataset` (a cache from experiments/prepare.py or such a folder)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +10,12 @@ import numpy as np
 
 from idguard_jax.image_files import IMAGE_SUFFIXES, list_images, read_rgb
 
-__all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "face_landmarks"]
+__all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "face_landmarks",
+           "open_dataset"]
 
 
-def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+def load_folder(folder: str | os.PathLike, size: int,
+                limit: int | None = None) -> tuple[np.ndarray, list[str]]:
     """All images of a folder as uint8 (N, size, size, 3), with their paths.
 
     Unreadable files are skipped with a warning naming them; an empty result is an error.
@@ -28,14 +31,15 @@ def load_folder(folder: str | os.PathLike, size: int, limit: int | None = None) 
         except ValueError as e:
             warnings.warn(str(e), stacklevel=2)
     if not images:
-        raise FileNotFoundError(f"{folder}: no readable images (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(f"{folder}: no readable images "
+                                f"(looked for {', '.join(IMAGE_SUFFIXES)})")
     return np.stack(images), kept
 
 
 def central_face_mask(size: int) -> np.ndarray:
     """STAND-IN binary mask (size, size, 1): a central box where an aligned face's eyes, nose and
-    mouth lie (rows 35-85 %, columns 25-75 %). Used until the CelebAMask-HQ component masks
-    (issue 5) are available; results with it are not the paper's."""
+    mouth lie (rows 35-85 %, columns 25-75 %), for a folder without CelebAMask-HQ component masks
+    or landmarks; results with it are not the paper's."""
     m = np.zeros((size, size, 1), np.float32)
     m[int(0.35 * size):int(0.85 * size), int(0.25 * size):int(0.75 * size)] = 1.0
     return m
@@ -43,7 +47,7 @@ def central_face_mask(size: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class FaceData:
-    """A training set held as arrays (issue 5 replaces the arrays by a memory-mapped cache).
+    """A training set held as arrays (in memory, or memory-mapped from a cache: `data.cache`).
 
     images (N,S,S,3) uint8; masks (N,S,S,1) uint8 in {0,1} (the binary facial-component mask);
     heatmaps (N,S,S,1) float32 in [0,1] or None (= uniform); labels (N,5) float32 (the StarGAN
@@ -102,3 +106,26 @@ def folder_dataset(folder, size: int, seed: int = 0, limit: int | None = None,
                     landmarks=face_landmarks(paths) if landmarks else None,
                     notes=("stand-in masks: central face box", "stand-in heatmaps: uniform",
                            "stand-in labels: random"))
+
+
+def open_dataset(path: str | os.PathLike, image_size: int, *, seed: int = 0,
+                 landmarks: bool = False) -> FaceData:
+    """A cache (a folder with meta.json, data.cache) memory-mapped, or else a folder of aligned
+    faces (`folder_dataset`: stand-in masks and labels drawn from `seed`), at image_size px.
+    landmarks: the faces' dlib landmarks are needed (a chip-based identity network): a folder
+    computes them, a cache must hold them. Raises FileNotFoundError / ValueError naming path."""
+    from idguard_jax.data.cache import open_cache   # cache builds on FaceData
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder")
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        return folder_dataset(path, image_size, seed=seed, landmarks=landmarks)
+    faces = open_cache(path)
+    if faces.images.shape[1] != image_size:
+        raise ValueError(f"{path}: cached at {faces.images.shape[1]} px, the config trains at "
+                         f"{image_size} px")
+    if landmarks and faces.landmarks is None:
+        raise ValueError(f"{path}: the cache holds no landmarks, which the identity network "
+                         "needs; rebuild the cache with experiments/prepare.py --landmarks")
+    return faces

@@ -44,7 +44,7 @@ def batch_at(data: FaceData, idx: np.ndarray) -> dict:
 
         size = data.images.shape[1:3]
         pts = data.landmarks[idx] * np.array([size[1], size[0]], np.float32)
-        batch["chip_warp"] = chip_warps(pts, size)._asdict()
+        batch["chip_warp"] = chip_warps(pts, size)   # a NamedTuple: a pytree, as it is
     return batch
 
 

@@ -1,11 +1,11 @@
 """The paper's baselines in this framework: same targets, same [-1, 1] images, same metrics.
 
-- `disrupting`: Disrupting Deepfakes (Ruiz et al. 2020; targets.md 6b): per-image L-inf PGD on
+- `disrupting`: Disrupting Deepfakes (Ruiz et al. 2020): per-image L-inf PGD (`idguard_jax.pgd`) on
   StarGAN, eps 0.05, 10 steps of 0.01, uniform random start, maximising MSE(G(x', c), G(x, c)).
   `per_condition=True` makes one perturbation per condition (attribute), as its test loop does:
   (C, B, S, S, 3); by default one image for all of the target's conditions (the sum of their
   MSEs), which is what a cross-model table needs (one protected photo per person).
-- `cmua_fit` / `cmua_apply`: CMUA-Watermark (Huang et al. 2022; targets.md 6a): ONE universal
+- `cmua_fit` / `cmua_apply`: CMUA-Watermark (Huang et al. 2022): ONE universal
   perturbation learned over batches and models, eps 0.05, k 10, a 0.01, momentum 0.5, batch 64;
   per model call: random start (HiSD: x + the current perturbation, unclamped, or x itself
   before there is one), k sign steps on
@@ -34,37 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from idguard_jax.generator import GeneratorConfig, init_generator, perturb, protect_eval
 from idguard_jax.networks import targets as targets_lib
-from idguard_jax.generator import GeneratorConfig, init_generator, perturb
+from idguard_jax.pgd import EPS, STEP_SIZE, STEPS, linf_pgd
 from ports.layers import clamp
 
 __all__ = ["EPS", "STEPS", "STEP_SIZE", "CMUA_MOMENTUM", "CMUA_BATCH", "HISD_TARGET_OFFSET",
            "linf_pgd", "attack_loss", "disrupting", "pgd_all", "cmua_fit", "cmua_apply",
            "cmua_call", "pg_train", "pg_protect", "METHODS"]
 
-EPS, STEPS, STEP_SIZE = 0.05, 10, 0.01
 CMUA_MOMENTUM, CMUA_BATCH = 0.5, 64
 HISD_TARGET_OFFSET = 0.002       # CMUA's HiSD target: the clean translation + 0.002
 METHODS = ("idguard", "disrupting", "cmua", "pg", "pgd")
-
-
-def linf_pgd(loss_fn: Callable[[jax.Array], jax.Array], x: jax.Array, key: jax.Array,
-             eps: float = EPS, steps: int = STEPS, step_size: float = STEP_SIZE) -> jax.Array:
-    """The reference LinfPGDAttack (Ruiz et al.'s `perturb`): X = x + U(-eps, eps); `steps` times
-    X <- clamp(x + clamp(X + step_size * sign(grad loss_fn(X)) - x, +-eps), -1, 1).
-    As there, the first gradient is taken at the UNCLAMPED random start (it may leave [-1, 1] by
-    up to eps). loss_fn must be a sum of per-image terms (then each image's attack ignores its
-    batch)."""
-    start = x + jax.random.uniform(key, x.shape, jnp.float32, -eps, eps)
-    if steps == 0:
-        # the reference would return the raw start; a protected image must stay in [-1, 1]
-        return clamp(start, -1.0, 1.0)
-
-    def body(_, xa):
-        xa = xa + step_size * jnp.sign(jax.grad(loss_fn)(xa))
-        return clamp(x + clamp(xa - x, -eps, eps), -1.0, 1.0)
-
-    return jax.lax.fori_loop(0, steps, body, start)
 
 
 def _per_image_mse(a, b):
@@ -93,8 +74,8 @@ def pgd_all(targets: tuple, variables: dict, x: jax.Array, labels: jax.Array, ke
     x = x.astype(jnp.float32)
     tables = [t.conditions(labels) for t in targets]
     ys = _clean_outputs(targets, variables, x, tables)
-    return linf_pgd(lambda xa: attack_loss(targets, variables, xa, ys, tables), x, key, eps,
-                    steps, step_size)
+    return linf_pgd(lambda xa: attack_loss(targets, variables, xa, ys, tables), x, key, eps=eps,
+                    steps=steps, step_size=step_size)
 
 
 @functools.partial(jax.jit, static_argnames=("target", "per_condition", "eps", "steps",
@@ -110,13 +91,13 @@ def disrupting(target: targets_lib.Target, variables: dict, x: jax.Array, labels
     vs = {target.name: variables}
     (y,) = _clean_outputs((target,), vs, x, [table])
     if not per_condition:
-        return linf_pgd(lambda xa: attack_loss((target,), vs, xa, [y], [table]), x, key, eps,
-                        steps, step_size)
+        return linf_pgd(lambda xa: attack_loss((target,), vs, xa, [y], [table]), x, key,
+                        eps=eps, steps=steps, step_size=step_size)
 
     def one(c, yc, k):
         def loss(xa):
             return jnp.sum(_per_image_mse(target.forward(variables, xa, c)[0], yc))
-        return linf_pgd(loss, x, k, eps, steps, step_size)
+        return linf_pgd(loss, x, k, eps=eps, steps=steps, step_size=step_size)
 
     keys = jax.random.split(key, target.num_conditions)
     return jax.vmap(one)(table, y, keys)
@@ -210,7 +191,7 @@ def pg_train(apply_fn: Callable, surrogate_variables, images: np.ndarray, key: j
     n = len(images)
     bs = min(batch_size, n)
     module = config.module()
-    variables = init_generator(key, config)
+    _, variables = init_generator(config, key)
     zero = jnp.zeros((config.image_size,) * 2 + (3,), jnp.float32)
     tx = optax.adam(learning_rate, b1=0.5, b2=0.999)
     opt_state = tx.init(variables["params"])
@@ -236,11 +217,8 @@ def pg_train(apply_fn: Callable, surrogate_variables, images: np.ndarray, key: j
     return {"params": params, "batch_stats": stats}
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def pg_protect(variables: dict, x: jax.Array, *, config: GeneratorConfig) -> jax.Array:
-    """PG's protected images (B, S, S, 3): the generator in eval mode, perturbation clamped to
-    config.eps."""
+    """PG's protected images (B, S, S, 3): the generator in eval mode (`generator.protect_eval`,
+    no prior), perturbation clamped to config.eps."""
     zero = jnp.zeros((config.image_size,) * 2 + (3,), jnp.float32)
-    x_adv, _, _ = perturb(config.module(), variables, zero, x.astype(jnp.float32), config.eps,
-                          train=False)
-    return x_adv
+    return protect_eval(variables, zero, x, config=config, eps=config.eps)

@@ -122,9 +122,9 @@ def cosine(u, v) -> np.ndarray:
 # Success criteria (evaluation tables)
 # --------------------------------------------------------------------------------------------
 
-# Disrupting Deepfakes (targets.md 6b): unmasked MSE of the two manipulated outputs > 0.05.
+# Disrupting Deepfakes (natanielruiz/disrupting-deepfakes): unmasked MSE of the two manipulated outputs > 0.05.
 MSE_SUCCESS = 0.05
-# CMUA-Watermark (targets.md 6a): the same error inside the pixels the manipulation changed
+# CMUA-Watermark (VDIGPKU/CMUA-Watermark): the same error inside the pixels the manipulation changed
 # (sum over channels of |clean output - clean input| > 0.5) > 0.05.
 CMUA_CHANGE = 0.5
 CMUA_SUCCESS = 0.05

@@ -44,7 +44,7 @@ ALIGNED_TEMPLATE_68 = np.array([
     [0.5251, 0.7407], [0.5888, 0.7412], [0.5253, 0.7585], [0.4942, 0.7626], [0.4644, 0.7589],
 ], np.float64)  # mouth 48-67
 
-# 68-point index ranges of the components the component mask covers (faces.md).
+# dlib's 68-point index ranges (0-based) of the components the component mask covers.
 COMPONENTS = {"r_brow": range(17, 22), "l_brow": range(22, 27), "nose": range(27, 36),
               "r_eye": range(36, 42), "l_eye": range(42, 48), "mouth": range(48, 68)}
 JAW, BROWS, EYES = range(0, 17), range(17, 27), range(36, 48)

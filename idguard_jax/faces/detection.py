@@ -46,8 +46,9 @@ class FaceAnalyzer:
         return np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], np.int64)
 
     def landmarks68(self, image: np.ndarray, box: Sequence[int]) -> np.ndarray:
-        """dlib's 68 landmarks (68, 2) int64 x, y pixels of the face in `box` (l, t, r, b);
-        indices as in faces.md. The 68-point model is loaded on first use."""
+        """dlib's 68 landmarks (68, 2) int64 x, y pixels of the face in `box` (l, t, r, b):
+        0-based, jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, mouth 48-67. The 68-point
+        model is loaded on first use."""
         if self._predictor68 is None:
             self._predictor68 = self._dlib.shape_predictor(installed_model(
                 "shape_predictor_68_face_landmarks.dat", "pose_predictor_model_location"))

@@ -1,6 +1,6 @@
 """Grad-CAM++ heatmaps of VGGFace, as ID-Guard makes the heatmap of its mask loss.
 
-ID-Guard's `solver.heatmap` (targets.md 0.5, 8c) runs pytorch-grad-cam 1.4.8's GradCAMPlusPlus
+ID-Guard's `solver.heatmap` runs pytorch-grad-cam 1.4.8's GradCAMPlusPlus
 on VGGFace's `conv5` (the block's output, after its max pool):
 
   1. input = align-corners resize to 224 of denorm(x) (the data-dependent [-1, 1] -> [0, 1]);

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idguard_jax.image_files import read_rgb
-from idguard_jax.images import to_float
+from idguard_jax.images import as_float_images, to_float
 from ports.hisd import _ARCH_FIELDS, CELEBA_HQ_256, HiSD, HiSDConfig
 
 Dtype = Any
@@ -173,7 +173,7 @@ def load_references(config: Mapping, bundle_path: str | os.PathLike,
         images = np.asarray(references)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"{what}: expected an array (R, h, w, 3), got shape {images.shape}")
-        images = to_float(images) if images.dtype == np.uint8 else images.astype(np.float32)
+        images = as_float_images(images)
     else:
         size = int(config["reference_size"])
         images = np.zeros((0, size, size, 3), np.float32)

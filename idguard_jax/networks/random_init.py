@@ -1,5 +1,6 @@
-"""Random weights for networks that are only ever random here (demo and test targets, stand-in
-identity networks), drawn with NumPy from the variables' shapes.
+"""The one NumPy random init: weights drawn on the host from the variables' shapes, for the
+networks trained or used at random here (the generator's fresh start, the surrogate, demo and
+test targets, stand-in identity networks).
 
 Flax's own init compiles every initializer separately, several seconds per network on a CPU;
 these draws take milliseconds and give the same scales: kernels LeCun-normal (std 1/sqrt(fan_in)),
@@ -15,14 +16,15 @@ import numpy as np
 __all__ = ["random_variables"]
 
 
-def random_variables(shapes, key: jax.Array, kernel_std: float | None = None,
+def random_variables(shapes, key: jax.Array | int, kernel_std: float | None = None,
                      scale_std: float = 0.0) -> dict:
     """A pytree of arrays with the structure, shapes and dtypes of `shapes` (from eval_shape).
 
-    kernel_std: fixed std of every kernel (None: LeCun, 1/sqrt(fan_in)); scale_std: norm scales
-    are drawn N(1, scale_std).
+    key: a typed jax key (a NumPy seed is drawn from it) or the NumPy seed itself (PCG64).
+    kernel_std: fixed std of every kernel (None: LeCun, 1/sqrt(fan_in), fan_in = the product of
+    all but the kernel's last axis); scale_std: norm scales are drawn N(1, scale_std).
     """
-    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    seed = key if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):

@@ -25,7 +25,7 @@ def network_sizes() -> dict[str, int]:
     gen = abstract_generator(GeneratorConfig())
     sizes = {"generator": count(gen["params"])}
     for name in targets.TARGETS:
-        sizes[name] = count(targets.abstract_variables(name, 256)["params"])
+        sizes[name] = count(targets.abstract_variables(name, image_size=256)["params"])
     for name in identity.IDENTITY_NETS:
         if name != "standin":
             sizes[name] = count(identity.abstract_variables(name)["params"])

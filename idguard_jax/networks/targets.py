@@ -8,7 +8,7 @@ Its weights are a separate pytree that enters the jitted train step as an ARGUME
     image, features = target.forward(variables, x, target.select(table, i))
 
 Images at this interface are NHWC float32 in [-1, 1]. `forward` gives, from ONE pass, both the
-manipulated image and the mid features the feature loss uses (targets.md 0.2).
+manipulated image and the mid features ID-Guard's feature loss uses.
 """
 from __future__ import annotations
 
@@ -25,17 +25,18 @@ from idguard_jax.networks.random_init import random_variables
 from ports.relgan import RelGANGenerator
 from ports.stargan import StarGANFamilyGenerator
 
-__all__ = ["Target", "TargetSpec", "TARGETS", "build", "load", "init_random", "stargan_conditions",
+__all__ = ["Target", "TargetSpec", "TARGETS", "build", "load", "init_random", "abstract_variables",
+           "stargan_conditions",
            "STARGAN_ATTRIBUTES", "PRIOR_WEIGHTS", "RELGAN_VECTORS", "RelativeVectors", "SIZES",
            "size_config"]
 
-# The attribute order of every StarGAN-family checkpoint (targets.md 1, 10.7).
+# The attribute order of every StarGAN-family checkpoint (StarGAN's `main.py --selected_attrs`).
 STARGAN_ATTRIBUTES = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young")
 _HAIR = (0, 1, 2)
 
 # alpha_k = 10^n of the `prior` and `kpi` strategies (paper eq. 10).
 PRIOR_WEIGHTS = {
-    # what the reference code uses (configs/prior_weight.json, targets.md 0.5)
+    # what the reference code uses (its configs/prior_weight.json)
     "reference": {"stargan": 1.0, "aggan": 10.0, "fpgan": 1.0, "relgan": 10.0, "hisd": 100.0},
     # what the paper states (IV-A5)
     "paper": {"stargan": 1.0, "aggan": 1.0, "fpgan": 1.0, "relgan": 10.0, "hisd": 100.0},
@@ -62,7 +63,7 @@ def stargan_conditions(labels: jax.Array) -> jax.Array:
     return jnp.stack(out)
 
 
-# ID-Guard's RelGAN references (targets.md 0.2): relative attribute vectors, presumably in the
+# ID-Guard's RelGAN conditions: relative attribute vectors, presumably in the
 # StarGAN attribute order; the checkpoint's order and sign convention are undocumented.
 RELGAN_VECTORS = ((0, 0, 0, 1, 0), (0, -1, 0, 0, 0), (-1, 0, 0, 0, 0), (0, 0, 0, -1, 0),
                   (0, 0, 0, 0, -1))
@@ -130,6 +131,7 @@ class TargetSpec:
     # Frozen data the checkpoint does not hold (HiSD's reference images): (config, bundle path,
     # load's `references`) -> extra variable collections, added by load().
     load_data: Callable[[dict, str, Any], dict] | None = None
+    data_collections: tuple[str, ...] = ()   # the variable collections load_data gives
 
 
 def _stargan_spec(variant: str) -> TargetSpec:
@@ -162,6 +164,7 @@ TARGETS: dict[str, TargetSpec] = {
         example_condition=hisd.example_condition,
         condition_fields=("conditions",),
         load_data=hisd.load_references,
+        data_collections=("references",),
     ),
 }
 
@@ -199,8 +202,9 @@ def _spec(name: str) -> TargetSpec:
     return TARGETS[name]
 
 
-def build(name: str, config: dict | None = None, dtype: Any = None) -> Target:
-    """The Target `name` with architecture `config` (defaults: the official one)."""
+def build(name: str, config: dict | None = None, *, dtype: Any = None) -> Target:
+    """The Target `name` with architecture `config` (defaults: the official one), computing in
+    `dtype` (None: float32)."""
     spec = _spec(name)
     unknown = set(config or {}) - set(spec.default_config) - {"variant"}
     if unknown:
@@ -216,23 +220,26 @@ def build(name: str, config: dict | None = None, dtype: Any = None) -> Target:
                   num_conditions=num_conditions, make_conditions=make_conditions)
 
 
-def init_random(name: str, key: jax.Array, image_size: int, config: dict | None = None,
+def init_random(name: str, key: jax.Array, *, image_size: int = 256, config: dict | None = None,
                 dtype: Any = None) -> tuple[Target, dict]:
     """A randomly initialised target (demos and tests only: it manipulates nothing meaningful)."""
-    target = build(name, config, dtype)
-    return target, random_variables(abstract_variables(name, image_size, config), key)
+    target = build(name, config, dtype=dtype)
+    shapes = abstract_variables(name, image_size=image_size, config=config)
+    return target, random_variables(shapes, key)
 
 
-def abstract_variables(name: str, image_size: int = 256, config: dict | None = None) -> dict:
-    """Shapes of the target's variables, without allocating them (jax.eval_shape)."""
+def abstract_variables(name: str, *, image_size: int = 256, config: dict | None = None) -> dict:
+    """Shapes of the target's variables for (image_size x image_size) images, without allocating
+    them (jax.eval_shape)."""
     module = build(name, config).module
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(module.init, jax.random.key(0), x, _spec(name).example_condition(1))
 
 
-def load(name: str, weights_dir: str | os.PathLike, dtype: Any = None,
+def load(name: str, weights_dir: str | os.PathLike, *, dtype: Any = None,
          references: Any = None) -> tuple[Target, dict]:
-    """A converted target: reads the bundle `weights_dir/name` written by convert/convert.py.
+    """A converted target: reads the bundle `weights_dir/name` written by convert/convert.py,
+    refusing one of another network or with other shapes than its stored config gives.
 
     references (HiSD only): its reference images, a folder, a list of files or an array
     (idguard_jax.networks.hisd.load_references); default the folder `weights_dir/hisd/references`.
@@ -240,17 +247,25 @@ def load(name: str, weights_dir: str | os.PathLike, dtype: Any = None,
     from idguard_jax.checkpoint import load_bundle
 
     path = os.path.join(os.fspath(weights_dir), name)
+    hint = (f"convert the official checkpoint with: python convert/convert.py {name} CHECKPOINT "
+            f"{os.fspath(weights_dir)}")
     if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"{path}: no converted weights for target {name!r}. Convert the official checkpoint "
-            f"with: python convert/convert.py {name} CHECKPOINT {os.fspath(weights_dir)}")
-    tree, meta = load_bundle(path)
-    if meta.get("model") != name:
-        raise ValueError(f"{path}: holds {meta.get('model')!r}, not {name!r}")
-    target = build(name, meta.get("config"), dtype)
+        raise FileNotFoundError(f"{path}: no converted weights for target {name!r}; {hint}")
     spec = _spec(name)
     if references is not None and spec.load_data is None:
         raise ValueError(f"target {name!r} takes no reference images")
+    tree, meta = load_bundle(path, kind="target", what=f"target {name!r}", hint=hint,
+                             abstract=lambda meta: _stored_shapes(name, meta))
+    target = build(name, meta.get("config"), dtype=dtype)
     data = spec.load_data({**spec.default_config, **meta.get("config", {})}, path,
                           references) if spec.load_data else {}
     return target, jax.tree.map(jnp.asarray, {**dict(tree), **data})
+
+
+def _stored_shapes(name: str, meta: dict) -> dict:
+    """What a converted bundle of target `name` must hold: its variables for the stored config,
+    less the frozen data `load` adds (HiSD's references); refuses another network's bundle."""
+    if meta.get("model") != name:
+        raise ValueError(f"holds {meta.get('model')!r}, not {name!r}")
+    return {c: t for c, t in abstract_variables(name, config=meta.get("config")).items()
+            if c not in _spec(name).data_collections}

@@ -10,40 +10,22 @@ statistics (eval mode), so each image's protection does not depend on the rest o
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from idguard_jax.generator import GeneratorConfig, load_generator, perturb
+from idguard_jax.generator import Generator, load_trained, protect_eval
+from idguard_jax.images import as_float_images, quantise_within
 
 __all__ = ["Generator", "load", "protect", "protect_float", "bucket_size"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Generator:
-    """A trained generator: variables {'params','batch_stats'}, delta_p (S,S,3), its config."""
-    variables: dict
-    delta_p: jax.Array
-    config: GeneratorConfig
+# The generator's one eval-mode call (jitted; compiled once per batch shape, config and eps).
+protect_float = protect_eval
 
 
 def load(path: str | os.PathLike) -> Generator:
-    variables, delta_p, cfg = load_generator(path)
-    variables = jax.tree.map(jnp.asarray, variables)
-    return Generator(variables, jnp.asarray(delta_p), cfg)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "eps"))
-def protect_float(variables: dict, delta_p: jax.Array, x: jax.Array, *, config: GeneratorConfig,
-                  eps: float) -> jax.Array:
-    """x (B,S,S,3) float in [-1,1] -> x_adv, |x_adv - x| <= eps. Weights are arguments."""
-    x_adv, _, _ = perturb(config.module(), variables, delta_p, x.astype(jnp.float32), eps,
-                          train=False)
-    return x_adv
+    """A trained generator bundle (exported by experiments/train.py or converted), on device."""
+    return load_trained(path)
 
 
 def bucket_size(n: int, max_bucket: int) -> int:
@@ -57,17 +39,17 @@ def bucket_size(n: int, max_bucket: int) -> int:
 def protect(gen: Generator, images, *, eps: float | None = None, max_bucket: int = 32):
     """Protect aligned faces (B,S,S,3), S = the generator's image size.
 
-    uint8 input gives uint8 output (rounded; the change stays within eps*127.5 grey levels);
-    float input (in [-1,1]) gives float32. `eps` defaults to the generator's training budget and
-    may only be lowered or raised by the caller deliberately (it is the L-inf bound in [-1,1] units).
+    uint8 input gives uint8 output (rounded, and within `images.eps_grey_levels(eps)` grey
+    levels of the input: `images.quantise_within`); float input (in [-1,1]) gives float32.
+    `eps` defaults to the generator's training budget and may only be lowered or raised by the
+    caller deliberately (it is the L-inf bound in [-1,1] units).
     """
     images = np.asarray(images)
     s = gen.config.image_size
     if images.ndim != 4 or images.shape[1:] != (s, s, 3):
         raise ValueError(f"images must be (B, {s}, {s}, 3) aligned faces, got {images.shape}")
     eps = gen.config.eps if eps is None else float(eps)
-    is_u8 = images.dtype == np.uint8
-    x = images.astype(np.float32) / 127.5 - 1.0 if is_u8 else images.astype(np.float32)
+    x = as_float_images(images)
     out = np.empty_like(x)
     i = 0
     while i < len(x):
@@ -77,11 +59,6 @@ def protect(gen: Generator, images, *, eps: float | None = None, max_bucket: int
         y = protect_float(gen.variables, gen.delta_p, padded, config=gen.config, eps=eps)
         out[i:i + len(chunk)] = np.asarray(y)[:len(chunk)]
         i += len(chunk)
-    if is_u8:
-        # Round towards the original where rounding would exceed the budget in grey levels.
-        levels = np.clip(np.rint((out + 1.0) * 127.5), 0, 255)
-        lim = eps * 127.5
-        orig = images.astype(np.float32)
-        levels = np.clip(levels, np.ceil(orig - lim), np.floor(orig + lim))
-        return levels.astype(np.uint8)
+    if images.dtype == np.uint8:
+        return quantise_within(images, out, eps)
     return out

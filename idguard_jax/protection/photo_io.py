@@ -95,10 +95,6 @@ def read_photo(path: str | os.PathLike) -> Photo:
         raise ValueError(f"{path}: cannot read image ({e})") from e
 
 
-def has_alpha(im: Image.Image) -> bool:
-    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-
-
 def encode_photo(photo: Photo, stored: np.ndarray, *, format: str | None = None,
                  jpeg_quality: int = 95, strip_metadata: bool = False) -> tuple[bytes, dict]:
     """Encode pixels `stored` (the layout and mode of `photo.stored`) in `format` (default the

@@ -23,8 +23,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from idguard_jax.faces import align
 from idguard_jax.evaluation import metrics
+from idguard_jax.faces import align
+from idguard_jax.generator import Generator
+from idguard_jax.images import clip_to_budget, to_float
 from idguard_jax.protection import faces as protect
 from idguard_jax.protection.photo_io import (Photo, decode_stored, encode_photo, orient,
                                              read_photo, unorient)
@@ -100,18 +102,16 @@ def apply_perturbation(photo: Photo, delta_upright: np.ndarray, eps: float) -> n
     """Add a perturbation (H, W, 3) in [-1, 1] units, upright, to the photo's stored pixels.
 
     Returns uint8 pixels in the photo's stored layout and mode. Every colour value moves by at
-    most floor(eps * 127.5) grey levels (6 for eps 0.05): rounding is pulled back inside the
-    budget. Grey photos get the channel mean of the perturbation; alpha is left as it was."""
+    most `images.eps_grey_levels(eps)` grey levels (6 for eps 0.05): rounding is pulled back
+    inside the budget (`images.clip_to_budget`). Grey photos get the channel mean of the
+    perturbation; alpha is left as it was."""
     delta = unorient(delta_upright, photo.orientation) * 127.5   # grey levels, stored layout
     out = photo.stored.copy()
     colour = 3 if photo.mode in ("RGB", "RGBA") else 1
     if colour == 1:
         delta = delta.mean(-1, keepdims=True)
-    orig = photo.stored[..., :colour].astype(np.float32)
-    lim = eps * 127.5
-    new = np.rint(orig + delta)
-    new = np.clip(new, np.maximum(np.ceil(orig - lim), 0), np.minimum(np.floor(orig + lim), 255))
-    out[..., :colour] = new.astype(np.uint8)
+    orig = photo.stored[..., :colour]
+    out[..., :colour] = clip_to_budget(np.rint(orig.astype(np.float32) + delta), orig, eps)
     return out
 
 
@@ -192,7 +192,7 @@ def _write_atomic(output: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def protect_photos(gen: protect.Generator, jobs: Iterable[tuple[str, str]],
+def protect_photos(gen: Generator, jobs: Iterable[tuple[str, str]],
                    options: PhotoOptions = PhotoOptions(), *, analyzer_factory=None,
                    on_result: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Protect each (source, output) photo; returns one Outcome per job, in input order.
@@ -203,97 +203,144 @@ def protect_photos(gen: protect.Generator, jobs: Iterable[tuple[str, str]],
     if options.no_face not in ("skip", "copy"):
         raise ValueError(f"no_face must be 'skip' or 'copy', got {options.no_face!r}")
     eps = gen.config.eps if options.eps is None else float(options.eps)
-    size = gen.config.image_size
     if analyzer_factory is None:
         from idguard_jax.faces.detection import FaceAnalyzer
         analyzer_factory = FaceAnalyzer
-    local = threading.local()
+    jobs = list(jobs)
+    analyse = _Analyser(jobs, analyzer_factory, gen.config.image_size, options)
+    with cf.ThreadPoolExecutor(max(1, options.workers)) as pool:
+        pipeline = _Pipeline(pool, len(jobs), analyse, lambda item: _finish(item, options, eps),
+                             lambda waiting: _protect_batch(gen, waiting, options.batch_size, eps),
+                             options, on_result)
+        return pipeline.run()
 
-    def analyse(index: int) -> _Analysed:
-        source, output = jobs[index]
+
+class _Analyser:
+    """Step 1 of a photo, in a worker thread: decode it, find and align its faces (one
+    FaceAnalyzer per thread)."""
+
+    def __init__(self, jobs: list, analyzer_factory, size: int, options: PhotoOptions):
+        self.jobs, self.factory, self.size, self.options = jobs, analyzer_factory, size, options
+        self.local = threading.local()
+
+    def __call__(self, index: int) -> _Analysed:
+        source, output = self.jobs[index]
         item = _Analysed(index, source, output)
         try:
-            if not hasattr(local, "analyzer"):
-                local.analyzer = analyzer_factory()
+            if not hasattr(self.local, "analyzer"):
+                self.local.analyzer = self.factory()
             item.photo = read_photo(source)
-            faces = align.analyse_image(item.photo.upright, local.analyzer, size,
-                                        options.min_face, options.detect_max_side)
+            faces = align.analyse_image(item.photo.upright, self.local.analyzer, self.size,
+                                        self.options.min_face, self.options.detect_max_side)
             item.faces = [f for f in faces if f.status == align.OK]
             item.too_small = len(faces) - len(item.faces)
         except Exception as e:  # one bad photo never stops the batch: say why, go on
             item.error = str(e) if isinstance(e, ValueError) else f"{source}: {e!r}"
         return item
 
-    def finish(item: _Analysed) -> Outcome:
-        out = Outcome(item.source, item.output, FAILED, too_small=item.too_small)
-        try:
-            if item.error:
-                raise ValueError(item.error)
-            photo = item.photo
-            if not item.faces:
-                if options.no_face == "skip":
-                    out.status, out.output = NO_FACE, None
-                    return out
-                data, out.written, _ = encode_keeping(photo, photo.stored, options)
-                _write_atomic(item.output, data)
-                out.status = COPIED
+
+def _finish(item: _Analysed, options: PhotoOptions, eps: float) -> Outcome:
+    """Step 3 of a photo, in a worker thread: add its faces' perturbations (or copy or skip a
+    photo without faces), encode and write it; its Outcome."""
+    out = Outcome(item.source, item.output, FAILED, too_small=item.too_small)
+    try:
+        if item.error:
+            raise ValueError(item.error)
+        photo = item.photo
+        if not item.faces:
+            if options.no_face == "skip":
+                out.status, out.output = NO_FACE, None
                 return out
-            delta = perturbation_for_photo(item.deltas, [f.transform for f in item.faces],
-                                           photo.upright.shape[:2], eps)
-            stored = apply_perturbation(photo, delta, eps)
-            data, out.written, _ = encode_keeping(photo, stored, options)
+            data, out.written, _ = encode_keeping(photo, photo.stored, options)
             _write_atomic(item.output, data)
-            out.psnr, out.ssim, out.kept = (out.written.pop(k) for k in ("psnr", "ssim", "kept"))
-            out.status, out.faces = PROTECTED, len(item.faces)
-        except Exception as e:
-            out.status, out.output = FAILED, None
-            out.error = str(e) if isinstance(e, (ValueError, OSError)) else f"{item.source}: {e!r}"
-        return out
+            out.status = COPIED
+            return out
+        delta = perturbation_for_photo(item.deltas, [f.transform for f in item.faces],
+                                       photo.upright.shape[:2], eps)
+        stored = apply_perturbation(photo, delta, eps)
+        data, out.written, _ = encode_keeping(photo, stored, options)
+        _write_atomic(item.output, data)
+        out.psnr, out.ssim, out.kept = (out.written.pop(k) for k in ("psnr", "ssim", "kept"))
+        out.status, out.faces = PROTECTED, len(item.faces)
+    except Exception as e:
+        out.status, out.output = FAILED, None
+        out.error = str(e) if isinstance(e, (ValueError, OSError)) else f"{item.source}: {e!r}"
+    return out
 
-    jobs = list(jobs)
-    outcomes: list[Outcome | None] = [None] * len(jobs)
-    lookahead = max(2 * options.batch_size, 2 * options.workers)
-    analysing: dict[int, cf.Future] = {}       # job index -> future _Analysed
-    waiting: list[_Analysed] = []              # analysed, in order; faces not all protected
-    finishing: dict[int, cf.Future] = {}       # job index -> future Outcome
-    next_job = next_analysed = next_report = 0
-    with cf.ThreadPoolExecutor(max(1, options.workers)) as pool:
+
+class _Pipeline:
+    """Photos flow analyse (threads) -> protect (batched across photos, this thread) -> finish
+    (threads), a bounded number of jobs ahead; analyses are taken and outcomes reported in
+    input order, so batches and outputs follow it."""
+
+    def __init__(self, pool: cf.ThreadPoolExecutor, n: int, analyse, finish, protect_batch,
+                 options: PhotoOptions, on_result):
+        self.pool, self.n, self.analyse, self.finish = pool, n, analyse, finish
+        self.protect_batch, self.on_result = protect_batch, on_result
+        self.batch_size = options.batch_size
+        self.lookahead = max(2 * options.batch_size, 2 * options.workers)
+        self.outcomes: list[Outcome | None] = [None] * n
+        self.analysing: dict[int, cf.Future] = {}     # job index -> future _Analysed
+        self.waiting: list[_Analysed] = []            # analysed, in order; faces not all protected
+        self.finishing: dict[int, cf.Future] = {}     # job index -> future Outcome
+        self.next_job = self.next_analysed = self.next_report = 0
+
+    def run(self) -> list[Outcome]:
         try:
-            while next_report < len(jobs):
-                while next_job < len(jobs) and next_job - next_report < lookahead:
-                    analysing[next_job] = pool.submit(analyse, next_job)
-                    next_job += 1
-                # take analyses in input order, so batches and outputs follow it
-                while next_analysed in analysing and analysing[next_analysed].done():
-                    item = analysing.pop(next_analysed).result()
-                    if item.faces and not item.error:
-                        waiting.append(item)
-                    else:
-                        finishing[next_analysed] = pool.submit(finish, item)
-                    next_analysed += 1
-                pending = sum(len(it.faces) - len(it.deltas) for it in waiting)
-                if waiting and (pending >= options.batch_size or next_analysed == next_job):
-                    _protect_batch(gen, waiting, options.batch_size, eps)
-                    for item in [it for it in waiting if len(it.deltas) == len(it.faces)]:
-                        finishing[item.index] = pool.submit(finish, item)
-                    waiting = [it for it in waiting if len(it.deltas) < len(it.faces)]
+            while self.next_report < self.n:
+                self._submit_ahead()
+                self._take_analysed()
+                if self._protect_ready():
                     continue
-                watch = [f for f in (analysing.get(next_analysed), finishing.get(next_report))
-                         if f is not None]
-                if watch:
-                    cf.wait(watch, return_when=cf.FIRST_COMPLETED)
-                while next_report in finishing and finishing[next_report].done():
-                    outcomes[next_report] = finishing.pop(next_report).result()
-                    if on_result:
-                        on_result(outcomes[next_report])
-                    next_report += 1
+                self._wait()
+                self._report_finished()
         finally:
-            for future in analysing.values():
+            for future in self.analysing.values():
                 future.cancel()
-    return outcomes
+        return self.outcomes
+
+    def _submit_ahead(self) -> None:
+        while self.next_job < self.n and self.next_job - self.next_report < self.lookahead:
+            self.analysing[self.next_job] = self.pool.submit(self.analyse, self.next_job)
+            self.next_job += 1
+
+    def _take_analysed(self) -> None:
+        """Analyses done, in input order: photos with faces wait for protection, others finish."""
+        while self.next_analysed in self.analysing and self.analysing[self.next_analysed].done():
+            item = self.analysing.pop(self.next_analysed).result()
+            if item.faces and not item.error:
+                self.waiting.append(item)
+            else:
+                self.finishing[self.next_analysed] = self.pool.submit(self.finish, item)
+            self.next_analysed += 1
+
+    def _protect_ready(self) -> bool:
+        """One batch of waiting faces, when a full one waits or nothing more is being analysed;
+        photos whose faces are all protected go on to finish. True if a batch ran."""
+        pending = sum(len(it.faces) - len(it.deltas) for it in self.waiting)
+        if not self.waiting or (pending < self.batch_size and self.next_analysed != self.next_job):
+            return False
+        self.protect_batch(self.waiting)
+        for item in [it for it in self.waiting if len(it.deltas) == len(it.faces)]:
+            self.finishing[item.index] = self.pool.submit(self.finish, item)
+        self.waiting = [it for it in self.waiting if len(it.deltas) < len(it.faces)]
+        return True
+
+    def _wait(self) -> None:
+        watch = [f for f in (self.analysing.get(self.next_analysed),
+                             self.finishing.get(self.next_report)) if f is not None]
+        if watch:
+            cf.wait(watch, return_when=cf.FIRST_COMPLETED)
+
+    def _report_finished(self) -> None:
+        while self.next_report in self.finishing and self.finishing[self.next_report].done():
+            self.outcomes[self.next_report] = self.finishing.pop(self.next_report).result()
+            if self.on_result:
+                self.on_result(self.outcomes[self.next_report])
+            self.next_report += 1
 
 
-def _protect_batch(gen: protect.Generator, waiting: list, batch_size: int, eps: float) -> None:
+def _protect_batch(gen: Generator, waiting: list, batch_size: int, eps: float) -> None:
     """Protect up to batch_size of the waiting faces (in order), appending each face's
     delta = x_adv - x (S, S, 3) float32 to its photo's list."""
     owners, faces = [], []
@@ -303,7 +350,7 @@ def _protect_batch(gen: protect.Generator, waiting: list, batch_size: int, eps: 
                 break
             owners.append(item)
             faces.append(face.image)
-    x = np.stack(faces).astype(np.float32) / 127.5 - 1.0
+    x = to_float(np.stack(faces))
     try:
         x_adv = protect.protect(gen, x, eps=eps, max_bucket=max(batch_size, 1))
         deltas = list(x_adv - x)

@@ -1,4 +1,5 @@
-"""The identity destruction module's losses (paper III-B; the reference's assembly, targets.md 0.5).
+"""The identity destruction module's losses (paper III-B; assembled as the
+reference's `solver.py::train_batch` does).
 
 For one target and one adversarial branch, with the clean output o and features f (constants),
 the adversarial output o_a and features f_a:
@@ -29,10 +30,11 @@ MASK_MODES = ("multi", "add", "bin", "hmp")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    mask_mode: str = "multi"
-    w_mask: float = 1.0
-    w_id: float = 0.1
-    w_feat: float = 0.01
+    """The branch loss's terms and weights (the reference's defaults)."""
+    mask_mode: str = "multi"   # how mask m and heatmap h weight the output MSE: MASK_MODES
+    w_mask: float = 1.0        # weight of the mask loss
+    w_id: float = 0.1          # weight of the identity loss (cosine of identity features)
+    w_feat: float = 0.01       # weight of the mid-feature loss
 
     def __post_init__(self):
         if self.mask_mode not in MASK_MODES:

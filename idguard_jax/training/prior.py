@@ -5,7 +5,7 @@ image and trained jointly with it. It starts as an average of PGD perturbations:
 
 1. train a surrogate face-reconstruction model M_s (`SurrogateAutoencoder`, `train_surrogate`);
 2. on N face images x_i (the paper: 2,000 random CelebAMask-HQ faces at 256 px) run the
-   reference's `LinfPGDAttack` against M_s (`pgd_perturbations`): maximise
+   reference's `LinfPGDAttack` (`idguard_jax.pgd`) against M_s (`pgd_perturbations`): maximise
    MSE(M_s(x + d), M_s(x)) with eps 0.05, 10 steps of 0.01, a uniform random start in
    [-eps, eps], a sign step, and clamps of d to +-eps and of x + d to [-1, 1];
 3. average the N perturbations d_i (`pgd_prior`).
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idguard_jax.training.surrogate import _as_float
+from idguard_jax.images import as_float_images
+from idguard_jax.pgd import linf_pgd
 from ports.layers import clamp
 
 __all__ = ["reconstruction_disruption", "pgd_perturbations", "pgd_prior", "save_prior",
@@ -43,26 +44,15 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 def _pgd(apply_fn: ApplyFn, variables, x: jax.Array, keys: jax.Array, eps: float, steps: int,
          step_size: float) -> jax.Array:
-    """The reference LinfPGDAttack (disrupting-deepfakes `attacks.py`) on a batch; returns d.
-
-    X = x + U(-eps, eps) (not clamped to [-1, 1], as in the reference); then `steps` times:
-    X <- clamp(x + clamp(X + step_size * sign(grad) - x, +-eps), -1, 1), grad of
-    sum_i MSE_i(M(X_i), M(x_i)) (a sum of per-image means, so image i's gradient is that of its
-    own MSE and does not depend on the batch). Returns X - x.
-    """
+    """`pgd.linf_pgd` against M on a batch, one random start per image (`keys` (B,)); returns
+    d = X - x. The loss is sum_i MSE_i(M(X_i), M(x_i)), a sum of per-image means, so image i's
+    gradient is that of its own MSE and does not depend on the batch."""
     y_clean = jax.lax.stop_gradient(apply_fn(variables, x))
-    noise = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], jnp.float32, -eps, eps))(keys)
 
     def loss(xa):
         return jnp.sum(jnp.mean(jnp.square(apply_fn(variables, xa) - y_clean), axis=(1, 2, 3)))
 
-    def body(_, xa):
-        xa = xa + step_size * jnp.sign(jax.grad(loss)(xa))
-        eta = clamp(xa - x, -eps, eps)
-        return clamp(x + eta, -1.0, 1.0)
-
-    x_adv = jax.lax.fori_loop(0, steps, body, x + noise)
-    return x_adv - x
+    return linf_pgd(loss, x, keys, eps=eps, steps=steps, step_size=step_size) - x
 
 
 def _disruption(apply_fn: ApplyFn, variables, x: jax.Array, d: jax.Array) -> jax.Array:
@@ -105,14 +95,14 @@ def pgd_perturbations(apply_fn: ApplyFn, variables, images, *, keys: jax.Array,
       eps, step_size: L-inf bound and step, in [-1, 1] pixel units; steps: iterations.
     Returns d with |d| <= eps (up to float rounding) and x + d in [-1, 1].
     """
-    x = jnp.asarray(_as_float(images))
+    x = jnp.asarray(as_float_images(images))
     return _pgd_jit(apply_fn, variables, x, keys, eps=float(eps), steps=int(steps),
                     step_size=float(step_size))
 
 
 def reconstruction_disruption(apply_fn: ApplyFn, variables, images, delta) -> jax.Array:
     """(B,) per-image MSE(M(clamp(x + delta, -1, 1)), M(x)); delta (H, W, 3) or (B, H, W, 3)."""
-    x = jnp.asarray(_as_float(images))
+    x = jnp.asarray(as_float_images(images))
     d = jnp.broadcast_to(jnp.asarray(delta, jnp.float32), x.shape)
     return _disruption_jit(apply_fn, variables, x, d)
 
@@ -147,7 +137,7 @@ def pgd_prior(apply_fn: ApplyFn, variables, images, *, key: jax.Array, eps: floa
     n_batches = math.ceil(n / batch_size)
     for b in range(n_batches):
         start = b * batch_size
-        chunk = np.asarray(_as_float(np.asarray(images[start:start + batch_size])))
+        chunk = np.asarray(as_float_images(np.asarray(images[start:start + batch_size])))
         m = len(chunk)
         if m < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - m,) + shape, np.float32)])
@@ -190,14 +180,14 @@ def load_prior(path, image_size: int | None = None) -> jax.Array:
     `generator.fit_delta_p`. image_size None keeps the stored size. The bundle's meta is
     `checkpoint.read_meta(path)`.
     """
-    from idguard_jax.checkpoint import load_bundle, read_meta
+    from idguard_jax.checkpoint import load_bundle
     from idguard_jax.generator import fit_delta_p
 
-    meta = read_meta(path)
-    if meta.get("kind") != PRIOR_KIND:
-        raise ValueError(f"{path}: not a prior bundle (kind={meta.get('kind')!r}); make one with "
-                         "`python experiments/prior.py compute ...`")
-    tree, _ = load_bundle(path)
+    tree, _ = load_bundle(
+        path, kind=PRIOR_KIND, what="prior",
+        abstract=lambda meta: {"delta_p": jax.ShapeDtypeStruct(
+            tuple(meta.get("image_size", (0, 0))) + (3,), jnp.float32)},
+        hint="make one with `python experiments/prior.py compute ...`")
     d = jnp.asarray(tree["delta_p"], jnp.float32)
     if image_size is None:
         return d

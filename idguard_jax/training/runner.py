@@ -22,6 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from idguard_jax.checkpoint import RunCheckpointer
@@ -30,10 +31,10 @@ from idguard_jax.data.loader import prefetch
 from idguard_jax.data.loader import BatchSampler
 from idguard_jax.data.datasets import FaceData
 from idguard_jax.generator import save_generator
-from idguard_jax.progress import Progress
+from idguard_jax.training.frozen import Frozen
 from idguard_jax.training.step import TrainState, create_setup, init_state, make_train_step
 
-__all__ = ["fit", "data_mesh", "shard_batch", "replicate", "process_rows",
+__all__ = ["fit", "missing_inputs", "data_mesh", "shard_batch", "replicate", "process_rows",
            "initialize_distributed"]
 
 # Fields that must agree between a run and the checkpoint it resumes.
@@ -106,7 +107,39 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume: bool = False,
+def missing_inputs(cfg: TrainConfig, *, data: str | None, weights: str | None,
+                   prior: str | None, converted: bool) -> list[str]:
+    """What a run of cfg lacks before it can start, one line per problem, phrased for
+    experiments/train.py's options (--data, --weights, --prior); [] if nothing.
+
+    converted: the targets (and a converted identity network) come from --weights (the paper's
+    configuration; the demo's are random). cfg.identity must be resolved
+    (frozen.resolve_identity)."""
+    problems = []
+    if data is None:
+        problems.append("--data: give a folder of aligned face images (CelebA-HQ-like, any size; "
+                        "they are resized to the configured image_size)")
+    elif not os.path.isdir(data):
+        problems.append(f"--data {data}: no such folder")
+    if converted and weights is None:
+        problems.append("--weights: give the folder of converted targets; convert each "
+                        "official checkpoint once with: " + "; ".join(
+                            f"python convert/convert.py {t} CHECKPOINT weights/"
+                            for t in cfg.targets))
+    elif converted:
+        needed = list(cfg.targets) + ([cfg.identity] if cfg.identity not in
+                                      ("standin", "dlib") else [])
+        for t in needed:
+            if not os.path.isdir(os.path.join(weights, t)):
+                problems.append(f"--weights {weights}: no converted {t!r}; run: python "
+                                f"convert/convert.py {t} CHECKPOINT {weights}")
+    if prior is not None and not os.path.isdir(prior):
+        problems.append(f"--prior {prior}: no such bundle folder (make one with "
+                        "python experiments/prior.py)")
+    return problems
+
+
+def fit(cfg: TrainConfig, data: FaceData, frozen: Frozen, workdir: str, *, resume: bool = False,
         delta_p=None, devices=None, log: Callable[[str], None] | None = None,
         progress: bool = True) -> TrainState:
     """Train the generator; returns the final state (also checkpointed and exported).
@@ -127,7 +160,28 @@ def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume:
     os.makedirs(workdir, exist_ok=True)
     ckpt = RunCheckpointer(workdir, cfg.max_to_keep)
     record = {"config": cfg.to_json(), "data": {"n": len(data), "notes": list(data.notes)}}
+    state = _initial_state(setup, cfg, ckpt, record, workdir, resume, delta_p)
+    start = int(state.step)
+    if jax.process_count() > 1:   # each process gathers only its own rows of every batch
+        sampler = _Rows(sampler, process_rows(mesh, cfg.batch_size))
+    batches = prefetch(data, sampler, start, total,
+                       put=lambda b: shard_batch(mesh, b, cfg.batch_size))
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if primary else os.devnull
+    # disable=None: the bar shows only when stderr is a terminal
+    bar = tqdm(total=total, desc="train", unit="step", initial=start,
+               disable=None if progress else True)
+    with open(metrics_path, "a") as mfile, bar:
+        state = _train_loop(cfg, make_train_step(setup), replicate(mesh, state),
+                            replicate(mesh, frozen), zip(range(start, total), batches), total,
+                            ckpt, record, lambda line: _log_metrics(line, log, mfile), bar)
+    ckpt.close()
+    return _export_generator(cfg, state, data, workdir, primary)
 
+
+def _initial_state(setup, cfg: TrainConfig, ckpt: RunCheckpointer, record: dict, workdir: str,
+                   resume: bool, delta_p) -> TrainState:
+    """A fresh state, or with `resume` the latest checkpoint (refused if its settings differ);
+    without `resume`, existing checkpoints are refused rather than overwritten."""
     state = init_state(setup, jax.random.key(cfg.seed), delta_p)
     if resume:
         if ckpt.latest_step() is None:
@@ -140,37 +194,38 @@ def fit(cfg: TrainConfig, data: FaceData, frozen: dict, workdir: str, *, resume:
     elif ckpt.latest_step() is not None:
         raise FileExistsError(f"{workdir} already holds checkpoints (step {ckpt.latest_step()}): "
                               "pass --resume to continue it, or choose another workdir")
+    return state
 
-    start = int(state.step)
-    state = replicate(mesh, state)
-    frozen = replicate(mesh, frozen)
-    step_fn = make_train_step(setup)
-    bar = Progress(total, "train", start=start) if progress else None
-    metrics_path = os.path.join(workdir, "metrics.jsonl") if primary else os.devnull
-    rows = process_rows(mesh, cfg.batch_size)
-    local = sampler if jax.process_count() == 1 else _Rows(sampler, rows)
-    with open(metrics_path, "a") as mfile:
-        t_last = time.perf_counter()
-        batches = prefetch(data, local, start, total,
-                           put=lambda b: shard_batch(mesh, b, cfg.batch_size))
-        for step, batch in zip(range(start, total), batches):
-            state, metrics = step_fn(state, batch, frozen)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == total:
-                m = _scalars(metrics)
-                now = time.perf_counter()
-                line = json.dumps({"step": done, "time_s": round(now - t_last, 4), **m})
-                t_last = now
-                log(line)
-                mfile.write(line + "\n")
-                mfile.flush()
-            if done % cfg.checkpoint_every == 0 or done == total:
-                ckpt.save(done, state, {**record, "step": done})
-            if bar:
-                bar.update()
-    if bar:
-        bar.close()
-    ckpt.close()
+
+def _log_metrics(line: str, log: Callable[[str], None], mfile) -> None:
+    log(line)
+    mfile.write(line + "\n")
+    mfile.flush()
+
+
+def _train_loop(cfg: TrainConfig, step_fn, state: TrainState, frozen: Frozen, batches, total: int,
+                ckpt: RunCheckpointer, record: dict, write: Callable[[str], None],
+                bar) -> TrainState:
+    """Run the steps of `batches` ((step, batch) pairs): one JSON line of metrics every
+    `log_every` steps and at the end, a checkpoint every `checkpoint_every` and at the end."""
+    t_last = time.perf_counter()
+    for step, batch in batches:
+        state, metrics = step_fn(state, batch, frozen)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            now = time.perf_counter()
+            write(json.dumps({"step": done, "time_s": round(now - t_last, 4),
+                              **_scalars(metrics)}))
+            t_last = now
+        if done % cfg.checkpoint_every == 0 or done == total:
+            ckpt.save(done, state, {**record, "step": done})
+        bar.update()
+    return state
+
+
+def _export_generator(cfg: TrainConfig, state: TrainState, data: FaceData, workdir: str,
+                      primary: bool) -> TrainState:
+    """WORKDIR/generator: the trained generator with its delta_p, for protection."""
     host_state = jax.device_get(state)
     save_generator(os.path.join(workdir, "generator"),
                    {"params": host_state.params, "batch_stats": host_state.batch_stats},

@@ -17,7 +17,8 @@ import optax
 from flax import linen as nn
 
 from idguard_jax.data.loader import BatchSampler
-from idguard_jax.images import to_float
+from idguard_jax.images import as_float_images, to_float
+from idguard_jax.networks.random_init import random_variables
 from ports.layers import conv2d, conv_transpose2d
 
 __all__ = ["SurrogateAutoencoder", "init_surrogate", "train_surrogate", "reconstruction_loss",
@@ -27,7 +28,6 @@ SURROGATE_KIND = "idguard-surrogate"
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 Dtype = Any
-
 
 
 class SurrogateAutoencoder(nn.Module):
@@ -69,30 +69,20 @@ def init_surrogate(seed: int, model: SurrogateAutoencoder, image_size: int) -> d
     """Fresh variables {'params'} of `model` for (image_size x image_size) inputs.
 
     Kernels ~ N(0, 1/fan_in) (LeCun normal, fan_in = kh * kw * kernel.shape[-2] as Flax counts
-    it), biases 0, drawn on the host with numpy's PCG64(seed): the same on every backend, and no
-    compilation (Flax's own init compiles one threefry sampler per layer, several seconds on a
-    2-core CPU).
+    it), biases 0, drawn on the host with numpy's PCG64(seed) (`random_init.random_variables`):
+    the same on every backend, and no compilation (Flax's own init compiles one threefry
+    sampler per layer, several seconds on a 2-core CPU).
     """
     shapes = jax.eval_shape(
         model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = getattr(path[-1], "key", None)
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-2])) * leaf.shape[-2]
-            w = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-            return jnp.asarray(w, leaf.dtype)
-        return jnp.zeros(leaf.shape, leaf.dtype)
-
-    return dict(jax.tree_util.tree_map_with_path(draw, shapes))
+    return random_variables(shapes, int(seed))
 
 
 def reconstruction_loss(apply_fn: ApplyFn, variables, images, batch_size: int = 32) -> float:
     """Mean squared reconstruction error MSE(M_s(x), x) over all images (uint8 or [-1, 1])."""
     total, n = 0.0, len(images)
     for start in range(0, n, batch_size):
-        x = jnp.asarray(_as_float(images[start:start + batch_size]))
+        x = jnp.asarray(as_float_images(images[start:start + batch_size]))
         total += float(_recon_sum_jit(apply_fn, variables, x))
     return total / n
 
@@ -100,13 +90,6 @@ def reconstruction_loss(apply_fn: ApplyFn, variables, images, batch_size: int = 
 @functools.partial(jax.jit, static_argnums=0)
 def _recon_sum_jit(apply_fn: ApplyFn, variables, x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.mean(jnp.square(apply_fn(variables, x) - x), axis=(1, 2, 3)))
-
-
-def _as_float(x) -> np.ndarray | jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1]; float input is passed through as float32."""
-    if x.dtype == np.uint8:
-        return to_float(x)
-    return x.astype(np.float32) if isinstance(x, np.ndarray) else x.astype(jnp.float32)
 
 
 def _train_step(model: SurrogateAutoencoder, tx: optax.GradientTransformation, params,
@@ -188,20 +171,16 @@ def save_surrogate(path, model: SurrogateAutoencoder, variables: dict, meta: dic
 
 def load_surrogate(path) -> tuple[SurrogateAutoencoder, dict, dict]:
     """Read a surrogate bundle: (model, variables {'params'}, meta)."""
-    from idguard_jax.checkpoint import load_bundle, read_meta
+    from idguard_jax.checkpoint import load_bundle
 
-    meta = read_meta(path)
-    if meta.get("kind") != SURROGATE_KIND:
-        raise ValueError(f"{path}: not a surrogate bundle (kind={meta.get('kind')!r}); train one "
-                         "with `python experiments/prior.py train-surrogate ...`")
+    def expected(meta):
+        model = SurrogateAutoencoder(**meta["config"])
+        size = 2 ** model.depth      # fully convolutional: the smallest size it takes will do
+        return jax.eval_shape(
+            model.init, jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
+
+    tree, meta = load_bundle(path, kind=SURROGATE_KIND, what="surrogate", abstract=expected,
+                             hint="train one with `python experiments/prior.py train-surrogate "
+                                  "...`")
     model = SurrogateAutoencoder(**meta["config"])
-    size = 2 ** model.depth
-    abstract = jax.eval_shape(
-        model.init, jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
-    tree, _ = load_bundle(path)
-    variables = {"params": tree["params"]}
-    got = jax.tree.map(lambda a: tuple(a.shape), variables)
-    want = jax.tree.map(lambda a: tuple(a.shape), abstract)
-    if got != want:
-        raise ValueError(f"{path}: surrogate weights do not match its config {meta['config']}")
-    return model, jax.tree.map(jnp.asarray, variables), meta
+    return model, jax.tree.map(jnp.asarray, {"params": tree["params"]}), meta

@@ -1,5 +1,5 @@
-"""PyTorch reference forwards of the official networks, written from targets.md, used only to
-prove the converters and ports exact. Module attribute names reproduce the official state_dict
+"""PyTorch reference forwards of the official networks, written from the upstream facts, used only
+to prove the converters and ports exact. Module attribute names reproduce the official state_dict
 keys."""
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""ID-Guard's perturbation generator, ResnetGenerator(norm_type='batch', input_nc=6)
-(targets.md 0.4), NCHW, keys model0.{i} and model0.{10..15}.conv_block.{j}."""
+"""ID-Guard's perturbation generator, ResnetGenerator(norm_type='batch', input_nc=6) (the
+reference's `net/advGen.py::ResnetGenerator`), NCHW, keys model0.{i} and
+model0.{10..15}.conv_block.{j}."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,4 @@
-"""ID-Guard's ArcFace (`net/arcface.py::ResNet`, foamliu SE-IR ResNet, targets.md 7c), NCHW.
+"""ID-Guard's ArcFace (`net/arcface.py::ResNet`, foamliu SE-IR ResNet), NCHW.
 
 Attribute names reproduce the official state_dict keys. `features` is ID-Guard's method (the bn2
 map); `forward` the embedding bn3(fc(...)).

@@ -1,4 +1,5 @@
-"""HiSD's generator `Gen` as ID-Guard runs it (targets.md 5), NCHW, written from the facts.
+"""HiSD's generator `Gen` as ID-Guard runs it (imlixinyang/HiSD `core/networks.py`), NCHW, written
+from the facts.
 
 Takes the port's flat configuration (ports.hisd.CELEBA_HQ_256 form). Attribute names reproduce
 the official `gen_test` keys: encoder.{i}, decoder.{i}, extractors.model.{i},

@@ -1,5 +1,6 @@
-"""insightface arcface_torch `IResNet(IBasicBlock, layers)` (targets.md 7b), NCHW. Attribute
-names reproduce the official keys (`features` is the final BatchNorm1d, as upstream)."""
+"""insightface arcface_torch `IResNet(IBasicBlock, layers)`
+(`recognition/arcface_torch/backbones/iresnet.py`), NCHW. Attribute names reproduce the official
+keys (`features` is the final BatchNorm1d, as upstream)."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,5 +1,6 @@
-"""TreB1eN/pSp IR-SE50 `Backbone(num_layers=50, mode='ir_se')` at 112 px and pSp's ID-loss
-input geometry (targets.md 7a), NCHW. Attribute names reproduce the official keys."""
+"""TreB1eN/pSp IR-SE50 `Backbone(num_layers=50, mode='ir_se')` at 112 px and pSp's ID-loss input
+geometry (TreB1eN/InsightFace_Pytorch `model.py::Backbone`), NCHW. Attribute names reproduce the
+official keys."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""The RelGAN generator G(n_c=3, n_z=5, n_repeat=6) with SwitchNorm2d (targets.md 4), NCHW.
+"""The RelGAN generator G(n_c=3, n_z=5, n_repeat=6) with SwitchNorm2d (elvisyjlin/RelGAN-PyTorch
+`nn/G.py`), NCHW.
 
 Evaluated as ID-Guard runs it: in eval() mode, so the norms read their running buffers. Attribute
 names reproduce the official keys (`conv_in.1.mean_weight`, `resb.3.f.4.running_var`, ...).

@@ -1,4 +1,5 @@
-"""The official StarGAN / AttentionGAN / Fixed-Point GAN generators (targets.md 1-3), NCHW.
+"""The official StarGAN / AttentionGAN / Fixed-Point GAN generators (each upstream
+`model.py::Generator`), NCHW.
 
 One class covers the three: they share `main` (keys `main.{i}`) and differ in the last conv
 (3 or 4 output channels), the trailing Tanh (StarGAN only) and what forward returns.
@@ -71,7 +72,7 @@ class Generator(nn.Module):
 
 
 def manipulate(generator: Generator, x, c):
-    """The manipulated image as ID-Guard computes it from each variant (targets.md 0.2)."""
+    """The manipulated image as the reference's `deepfake.py` computes it from each variant."""
     if generator.variant == "aggan":
         return generator(x, c)[0]
     if generator.variant == "fpgan":

@@ -1,4 +1,4 @@
-"""VGGFace as ID-Guard's `net/vggface.py` defines it (claudio-unipv layout, targets.md 8a), NCHW:
+"""VGGFace as ID-Guard's `net/vggface.py` defines it (claudio-unipv layout), NCHW:
 `forward` and `features` apply ID-Guard's data-dependent denorm first, no mean subtraction.
 Attribute names reproduce the official keys; widths shrink for tests."""
 from __future__ import annotations

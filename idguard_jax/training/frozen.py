@@ -1,0 +1,63 @@
+"""The frozen weights of a run: every target's and the identity network's (never trained).
+
+    frozen = load_frozen(cfg, "weights/")            # converted bundles (convert/convert.py)
+    frozen = init_frozen_random(cfg, key)            # small random networks (demos and tests)
+    state, metrics = step_fn(state, batch, frozen)   # an argument of the step, never a constant
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from flax import struct
+
+from idguard_jax.config import TrainConfig
+from idguard_jax.networks import identity as identity_lib
+from idguard_jax.networks import targets as targets_lib
+
+__all__ = ["Frozen", "init_frozen_random", "load_frozen", "resolve_identity"]
+
+
+@struct.dataclass
+class Frozen:
+    """A pytree of the weights the step reads and never changes."""
+    targets: dict[str, Any]      # target name -> its variables
+    identity: Any                # the identity network's variables
+
+
+def _identity_random(cfg: TrainConfig, key: jax.Array):
+    return identity_lib.init_random(cfg.identity, key, config=dict(cfg.identity_config))[1]
+
+
+def init_frozen_random(cfg: TrainConfig, key: jax.Array) -> Frozen:
+    """Random weights for every target of cfg (at cfg.target_size) and its identity network
+    (demos and tests only: they manipulate and recognise nothing meaningful)."""
+    keys = jax.random.split(key, len(cfg.targets) + 1)
+    targets = {name: targets_lib.init_random(
+                   name, k, image_size=cfg.image_size,
+                   config=targets_lib.size_config(name, cfg.target_size))[1]
+               for name, k in zip(cfg.targets, keys[:-1])}
+    return Frozen(targets=targets, identity=_identity_random(cfg, keys[-1]))
+
+
+def load_frozen(cfg: TrainConfig, weights_dir: str | os.PathLike) -> Frozen:
+    """The converted targets of cfg from weights_dir (convert/convert.py) and its identity
+    network: converted too, dlib's from its installed .dat, or the random stand-in ('standin',
+    drawn from cfg.seed + 1). Raises FileNotFoundError / ValueError naming the bundle."""
+    targets = {name: targets_lib.load(name, weights_dir)[1] for name in cfg.targets}
+    if cfg.identity == "standin":
+        identity = _identity_random(cfg, jax.random.key(cfg.seed + 1))
+    else:
+        identity = identity_lib.load(cfg.identity, weights_dir,
+                                     normalisation=cfg.identity_normalisation)[1]
+    return Frozen(targets=targets, identity=identity)
+
+
+def resolve_identity(cfg: TrainConfig, weights_dir: str | os.PathLike | None) -> TrainConfig:
+    """cfg with identity='auto' made concrete: a converted ArcFace in weights_dir, else dlib
+    (identity_lib.default_loss_network)."""
+    if cfg.identity != "auto":
+        return cfg
+    return dataclasses.replace(cfg, identity=identity_lib.default_loss_network(weights_dir))
