@@ -1,7 +1,7 @@
 """Convert an official PyTorch checkpoint into a bundle the library loads (no torch needed there).
 
     python convert/convert.py MODEL CHECKPOINT OUT_DIR [--overwrite] [--image-size N] [--prior FILE]
-                              [--config FILE]
+                              [--config FILE] [--eps EPS]
 
 MODEL is a target network (stargan, aggan, fpgan: `200000-G.ckpt`, a plain state_dict; relgan:
 `G_15000_sn_wb.pth`, or upstream's {'G': ..., 'D': ...} training file; hisd: `gen_00600000.pt`,
@@ -11,7 +11,10 @@ celeba-hq_256) or
 beside it unless --prior names it) or an identity network (plain state_dicts: arcface
 `arcface_ir_se50.pth`, irse50 `model_ir_se50.pth`, iresnet50 / iresnet100 `backbone.pth`,
 vggface `vggface-9d491dd7c30312.pth`) or `dlib` (`dlib_face_recognition_resnet_model_v1.dat`,
-read by idguard_jax.networks.dlib, no dlib or torch). The bundle is written to OUT_DIR/MODEL.
+read by idguard_jax.networks.dlib, no dlib or torch) or `prior` (the released prior perturbation
+`checkpoint/ID-guard/pri_pert.pt`, clamped to +-EPS as the reference's `advGen.py` does when
+loading it; the bundle `experiments/prior.py compute` writes, for `train.py --prior`).
+The bundle is written to OUT_DIR/MODEL.
 Checkpoints are read with torch's weights_only loader, so a file carrying pickled code is
 refused, never run.
 Exit codes: 0 done, 2 refused (one line on stderr names the file or option and the problem).
@@ -41,7 +44,7 @@ from idguard_jax.networks import hisd as hisd_target
 from ports.hisd import config_from_hyperparameters
 
 __all__ = ["main", "convert_target", "convert_generator", "convert_identity", "convert_dlib",
-           "Converter", "TARGETS", "KNOWN_MODELS"]
+           "convert_prior", "Converter", "TARGETS", "KNOWN_MODELS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +113,10 @@ TARGETS.update({name: Converter(kind="identity")
                 for name in ("arcface", "irse50", "iresnet50", "iresnet100", "vggface")})
 GENERATOR = "generator"
 DLIB = "dlib"
-KNOWN_MODELS = tuple(sorted([*TARGETS, GENERATOR, DLIB]))
+PRIOR = "prior"
+KNOWN_MODELS = tuple(sorted([*TARGETS, GENERATOR, DLIB, PRIOR]))
 PRIOR_FILE = "optimized_pri_pert.pt"
+DEFAULT_IMAGE_SIZE = 256
 
 
 def _sha256(path: str) -> str:
@@ -212,20 +217,49 @@ def convert_generator(checkpoint: str, out_dir: str, overwrite: bool = False,
                           overwrite=overwrite)
 
 
+def convert_prior(checkpoint: str, out_dir: str, overwrite: bool = False,
+                  image_size: int | None = None, eps: float = GeneratorConfig().eps) -> str:
+    """Convert a released prior perturbation (pri_pert.pt, (1, 3, H, W)) to the prior bundle
+    OUT_DIR/prior (training.prior.save_prior, as `experiments/prior.py compute` writes);
+    returns its path. Values beyond +-eps are clamped (the reference's `advGen.py` does at load)
+    and counted in the meta; image_size None keeps the stored size."""
+    from idguard_jax.training.prior import prior_from_array, save_prior
+    from idguard_jax.training.prior_faces import write_preview
+
+    out = os.path.join(out_dir, PRIOR)
+    _refuse_existing(out, overwrite)
+    values = tensor_to_numpy(load_torch_file(checkpoint), checkpoint)
+    try:
+        delta_p, clamped = prior_from_array(values, eps=eps, image_size=image_size,
+                                            source=checkpoint)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    meta = {"eps": eps, "source": os.path.basename(checkpoint), "sha256": _sha256(checkpoint),
+            "source_shape": list(values.shape), "clamped_values": clamped,
+            "note": "released prior perturbation, clamped to +-eps (the reference's advGen.py)"}
+    path = save_prior(out, delta_p, meta, overwrite=overwrite)
+    write_preview(os.path.join(path, "delta_p.png"), delta_p, eps)
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(KNOWN_MODELS)}")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="the official PyTorch file")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the bundle goes to OUT_DIR/MODEL")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--image-size", type=int, default=256, metavar="N",
-                   help="image size the network will run at (default 256)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help=f"image size the network will run at (default {DEFAULT_IMAGE_SIZE}; "
+                        "prior: the stored size)")
     p.add_argument("--prior", metavar="FILE",
                    help=f"generator only: the prior perturbation (default: {PRIOR_FILE} beside "
                         "CHECKPOINT)")
     p.add_argument("--config", metavar="FILE",
                    help="hisd only: HiSD's YAML configuration of the checkpoint (default: "
                         "configs/celeba-hq_256.yaml's values)")
+    p.add_argument("--eps", type=float, default=None, metavar="EPS",
+                   help=f"prior only: clamp to +-EPS in [-1, 1] units (default "
+                        f"{GeneratorConfig().eps}, the paper's)")
     return p
 
 
@@ -238,10 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     problem = None
     if args.model not in KNOWN_MODELS:
         problem = f"unknown MODEL {args.model!r}; known models: {', '.join(KNOWN_MODELS)}"
-    elif args.image_size <= 0 or args.image_size % 4:
+    elif args.image_size is not None and (args.image_size <= 0 or args.image_size % 4):
         problem = f"--image-size {args.image_size}: must be a positive multiple of 4"
     elif args.prior is not None and args.model != GENERATOR:
         problem = f"--prior applies only to MODEL {GENERATOR!r}"
+    elif args.eps is not None and args.model != PRIOR:
+        problem = f"--eps applies only to MODEL {PRIOR!r}"
+    elif args.eps is not None and not 0 < args.eps < float("inf"):
+        problem = f"--eps {args.eps}: must be a positive number"
     elif args.config is not None and (args.model not in TARGETS
                                       or TARGETS[args.model].read_config is None):
         problem = ("--config applies only to MODEL "
@@ -249,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"convert: {problem}", file=sys.stderr)
         return 2
+    if args.image_size is None and args.model != PRIOR:
+        args.image_size = DEFAULT_IMAGE_SIZE
     try:
-        if args.model == GENERATOR:
+        if args.model == PRIOR:
+            path = convert_prior(args.checkpoint, args.out_dir, args.overwrite, args.image_size,
+                                 GeneratorConfig().eps if args.eps is None else args.eps)
+        elif args.model == GENERATOR:
             path = convert_generator(args.checkpoint, args.out_dir, args.overwrite,
                                      args.image_size, args.prior)
         elif args.model == DLIB:
@@ -264,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
+    if args.model == PRIOR:
+        print(f"train from it with: python experiments/train.py --prior {path} ...")
     return 0
 
 

@@ -418,6 +418,8 @@ def _base_config(args):
         over["targets"] = tuple(args.targets.split(","))
     if args.identity:
         over["identity"], over["identity_config"] = args.identity, ()
+    elif args.size == "demo":   # the demo trains with dlib; its figures stay the stand-in's
+        over["identity"], over["identity_config"] = "standin", (("width", 8),)
     elif base.identity == "auto":     # speed only: a random ArcFace-sized identity network
         over["identity"] = "arcface"
     if args.batch_size:

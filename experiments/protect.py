@@ -6,8 +6,11 @@
 Every face in every photo is detected (dlib), aligned to the generator's frame, protected in
 batches across photos, and the perturbation is warped back and added at full resolution within
 the eps budget (0.05 in [-1, 1] units = at most 6 grey levels per channel). Outputs keep the
-input's name, format, size, orientation and metadata (JPEG: 4:4:4 chroma, quality chosen per
-photo to keep the perturbation and reported). Inputs are never modified; existing outputs are
+input's name, format, size, orientation, frames and metadata (JPEG and AVIF: 4:4:4 chroma,
+quality chosen per photo to keep the perturbation and reported; HEIC, TIFF, PNG, WebP, BMP:
+lossless); a GIF is written as PNG (APNG when animated) unless --keep-gif, as its 256-colour
+palette cannot carry the perturbation. Files of an input folder that are not photos are listed,
+never silently skipped. Inputs are never modified; existing outputs are
 never replaced without --overwrite; --resume skips photos already done. One bad photo never
 stops the rest. Exit status: 0 all protected (photos without a face are counted, not errors),
 1 some photo failed, 2 bad arguments (nothing written), 130 interrupted (rerun with --resume).
@@ -19,6 +22,11 @@ import json
 import os
 import sys
 import time
+
+
+# --format choices -> PIL format names (None: each photo's own)
+FORMATS = {"same": None, "png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP",
+           "tiff": "TIFF", "heic": "HEIF", "avif": "AVIF", "gif": "GIF"}
 
 
 class UsageError(Exception):
@@ -38,11 +46,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None,
                    help="L-inf budget in [-1, 1] units (default: the generator's, 0.05 = 6 grey "
                         "levels); higher protects more and shows more")
-    p.add_argument("--png", action="store_true", help="write PNG (lossless) instead of the "
-                   "input's format; the name's suffix becomes .png")
-    p.add_argument("--jpeg-quality", default="auto",
-                   help="JPEG quality 1-100, or 'auto' (default): the lowest of 95/98/100 that "
-                        "keeps >= 90%% of the perturbation's energy")
+    p.add_argument("--format", choices=sorted(FORMATS), default="same",
+                   help="write every photo in this format (the name's suffix follows) instead "
+                        "of its own ('same', the default; a GIF becomes PNG unless --keep-gif)")
+    p.add_argument("--png", action="store_true", help="the same as --format png (lossless)")
+    p.add_argument("--keep-gif", action="store_true",
+                   help="write GIFs as GIF: their 256-colour palette keeps little of the "
+                        "perturbation (the share kept is reported)")
+    p.add_argument("--quality", "--jpeg-quality", dest="jpeg_quality", default="auto",
+                   metavar="Q",
+                   help="JPEG and AVIF quality 1-100, or 'auto' (default): the lowest of "
+                        "95/98/100 that keeps >= 90%% of the perturbation's energy")
     p.add_argument("--strip-metadata", action="store_true",
                    help="drop EXIF (incl. GPS), XMP and comments; the picture is stored upright")
     p.add_argument("--no-face", choices=("skip", "copy"), default="skip",
@@ -59,16 +73,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_writer(fmt: str) -> None:
+    from PIL import features
+
+    from idguard_jax.image_files import HEIF_READABLE
+
+    if fmt == "HEIF" and not HEIF_READABLE:
+        raise UsageError("--format heic needs pillow-heif: pip install pillow-heif")
+    if fmt == "AVIF" and not features.check("avif"):
+        raise UsageError("--format avif: this Pillow has no AVIF support")
+
+
 def _check_args(args) -> None:
     if args.eps is not None and not 0 < args.eps <= 1:
         raise UsageError(f"--eps {args.eps}: must be in (0, 1] ([-1, 1] units; 0.05 is the paper's)")
+    if args.png and args.format not in ("same", "png"):
+        raise UsageError(f"--png and --format {args.format} contradict each other: choose one")
+    args.output_format = "PNG" if args.png else FORMATS[args.format]
+    _check_writer(args.output_format or "")
     if args.jpeg_quality != "auto":
         try:
             q = int(args.jpeg_quality)
         except ValueError:
             q = 0
         if not 1 <= q <= 100:
-            raise UsageError(f"--jpeg-quality {args.jpeg_quality}: must be 1-100 or 'auto'")
+            raise UsageError(f"--quality/--jpeg-quality {args.jpeg_quality}: must be 1-100 "
+                             f"or 'auto'")
         args.jpeg_quality = q
     if args.batch_size is None:
         import jax
@@ -80,7 +110,7 @@ def _check_args(args) -> None:
         raise UsageError("--resume and --overwrite contradict each other: choose one")
 
 
-def _summary(outcomes, skipped, seconds, stream) -> None:
+def _summary(outcomes, skipped, not_photos, seconds, stream) -> None:
     from idguard_jax.protection import photos
 
     by = {s: [o for o in outcomes if o.status == s]
@@ -91,19 +121,11 @@ def _summary(outcomes, skipped, seconds, stream) -> None:
           f"{len(by[photos.PROTECTED])} protected ({faces} faces), "
           f"{len(by[photos.NO_FACE]) + len(by[photos.COPIED])} without a usable face, "
           f"{len(by[photos.FAILED])} failed" + (f", {len(skipped)} already done (--resume)"
-                                                if skipped else ""), file=stream)
-    prot = by[photos.PROTECTED]
-    psnr = [o.psnr for o in prot if o.psnr is not None]
-    ssim = [o.ssim for o in prot if o.ssim is not None]
-    kept = [o.kept for o in prot if o.kept is not None]
-    if psnr:
-        quals = sorted({o.written.get("quality") for o in prot if o.written.get("quality")})
-        print(f"visible cost inside the changed area: PSNR {min(psnr):.1f}-{max(psnr):.1f} dB"
-              + (f", SSIM {min(ssim):.3f}-{max(ssim):.3f}" if ssim else "")
-              + f"; the written files keep {min(kept):.0%}-{max(kept):.0%} of the "
-              f"perturbation's energy"
-              + (f" (JPEG quality {', '.join(map(str, quals))}, 4:4:4 chroma)" if quals else ""),
-              file=stream)
+                                                if skipped else "")
+          + (f", {sum(map(len, not_photos.values()))} file(s) not a photo" if not_photos
+             else ""), file=stream)
+    _visible_cost_line(by[photos.PROTECTED], stream)
+    _conversions(outcomes, stream)
     for title, group in (("without a usable face (skipped)", by[photos.NO_FACE]),
                          ("without a usable face (copied unchanged)", by[photos.COPIED])):
         if group:
@@ -112,8 +134,47 @@ def _summary(outcomes, skipped, seconds, stream) -> None:
     if small:
         print("faces too small to protect (left unchanged): " + ", ".join(
             f"{o.source} ({o.too_small})" for o in small), file=stream)
+    for suffix, paths in not_photos.items():
+        print(f"not a photo: {suffix} ({len(paths)}, left as they are): "
+              + ", ".join(paths[:5]) + (", ..." if len(paths) > 5 else ""), file=stream)
     for o in by[photos.FAILED]:
         print(f"FAILED {o.error}", file=stream)
+
+
+def _visible_cost_line(protected, stream) -> None:
+    psnr = [o.psnr for o in protected if o.psnr is not None]
+    ssim = [o.ssim for o in protected if o.ssim is not None]
+    kept = [o.kept for o in protected if o.kept is not None]
+    if not psnr:
+        return
+    quals = {}
+    for o in protected:
+        if o.written.get("quality"):
+            quals.setdefault(o.written["format"], set()).add(o.written["quality"])
+    said = "; ".join(f"{fmt} quality {', '.join(map(str, sorted(q)))}"
+                     for fmt, q in sorted(quals.items()))
+    print(f"visible cost inside the changed area: PSNR {min(psnr):.1f}-{max(psnr):.1f} dB"
+          + (f", SSIM {min(ssim):.3f}-{max(ssim):.3f}" if ssim else "")
+          + f"; the written files keep {min(kept):.0%}-{max(kept):.0%} of the "
+          f"perturbation's energy" + (f" ({said}, 4:4:4 chroma)" if said else ""), file=stream)
+
+
+def _conversions(outcomes, stream) -> None:
+    """Photos written in another format than their own, e.g. 'GIF -> PNG', and why."""
+    groups: dict[str, list] = {}
+    for o in outcomes:
+        if o.written and o.written.get("converted"):
+            groups.setdefault(o.written["converted"], []).append(o)
+    for change, group in sorted(groups.items()):
+        why = (" (a GIF's 256-colour palette cannot carry the perturbation; --keep-gif keeps "
+               "GIF)" if change.startswith("GIF -> ") else "")
+        print(f"written as {change.split(' -> ')[1]} instead of {change.split(' -> ')[0]}{why}: "
+              + ", ".join(f"{o.source} -> {o.output}" for o in group), file=stream)
+    gifs = [o for o in outcomes if o.written and o.written.get("format") == "GIF"]
+    if gifs:
+        print("written as GIF (--keep-gif): its palette keeps "
+              f"{min(o.kept or 0 for o in gifs):.0%}-{max(o.kept or 0 for o in gifs):.0%} "
+              "of the perturbation's energy", file=stream)
 
 
 def _plan(args) -> list[tuple[str, str]]:
@@ -121,7 +182,8 @@ def _plan(args) -> list[tuple[str, str]]:
     from idguard_jax.protection import jobs as jobs_lib
 
     try:
-        jobs = jobs_lib.plan_jobs(args.inputs, args.out, recursive=args.recursive, png=args.png)
+        jobs = jobs_lib.plan_jobs(args.inputs, args.out, recursive=args.recursive,
+                                  output_format=args.output_format, keep_gif=args.keep_gif)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if not jobs:
@@ -157,7 +219,8 @@ def _protect(args, gen, todo) -> tuple[list, float, int]:
 
     options = photos.PhotoOptions(
         eps=args.eps, min_face=args.min_face, no_face=args.no_face,
-        output_format="PNG" if args.png else None, jpeg_quality=args.jpeg_quality,
+        output_format=args.output_format, keep_gif=args.keep_gif,
+        jpeg_quality=args.jpeg_quality,
         strip_metadata=args.strip_metadata, batch_size=args.batch_size, workers=args.workers)
     bar = tqdm(total=len(todo), desc="protect", unit="img", disable=None)  # tty only
     outcomes = []
@@ -188,7 +251,7 @@ def main(argv=None) -> int:
         return 2
     from idguard_jax.images import eps_grey_levels
     from idguard_jax.protection import photos
-    from idguard_jax.protection.jobs import remove_stale_temporaries
+    from idguard_jax.protection.jobs import not_photos, remove_stale_temporaries
 
     remove_stale_temporaries(jobs)
     skipped = [s for s, o in jobs if args.resume and os.path.exists(o)]
@@ -198,11 +261,14 @@ def main(argv=None) -> int:
           f"{eps_grey_levels(eps)} grey levels per channel), generator {args.generator}"
           + (f"; {len(skipped)} already done" if skipped else ""), file=sys.stderr)
     outcomes, seconds, status = _protect(args, gen, todo)
-    _summary(outcomes, skipped, seconds, sys.stdout)
+    others = not_photos(args.inputs, recursive=args.recursive)
+    _summary(outcomes, skipped, others, seconds, sys.stdout)
     if args.report:
         with open(args.report, "w") as f:
             json.dump({"eps": eps, "generator": args.generator, "seconds": seconds,
-                       "skipped": skipped, "photos": [o.as_dict() for o in outcomes]}, f, indent=1)
+                       "skipped": skipped, "photos": [o.as_dict() for o in outcomes],
+                       "not_photos": {f"not a photo: {k}": {"count": len(v), "files": v}
+                                      for k, v in others.items()}}, f, indent=1)
     if status == 130:
         print(f"interrupted after {len(outcomes)} of {len(todo)} photo(s): what is written is "
               f"complete; rerun with --resume to do the rest", file=sys.stderr)

@@ -2,13 +2,16 @@
 
     python experiments/train.py --config=demo                 # a few CPU minutes, random targets
     python experiments/train.py --strategy=kpi --weights weights/ --data FACES_DIR --prior PRIOR
+    python experiments/train.py --config=reference --weights weights/ --data REF_CACHE  # the code's
     # several hosts: the same command in each, with a shared --workdir
     python experiments/train.py --distributed --coordinator HOST0:1234 --num-processes 2 \
         --process-id I --workdir /shared/run ...
 
 The paper's configuration (the default) needs converted target weights (convert/convert.py) and
 face images; it says exactly what is missing. `--config=demo` runs on any machine with small
-RANDOMLY initialised targets: it shows the machinery working, not the paper's numbers.
+RANDOMLY initialised targets and the real parts that exist offline (dlib's identity network,
+masks from dlib's 68 landmarks, cached in WORKDIR): it shows the machinery working, not the
+paper's numbers.
 Output: one JSON line of metrics per step (stdout and WORKDIR/metrics.jsonl), checkpoints in
 WORKDIR/checkpoints (continue with --resume), the trained generator in WORKDIR/generator.
 """
@@ -28,10 +31,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=("paper", "demo"), default="paper",
-                   help="paper: 256 px, batch 32, the official targets; demo: 64 px CPU demo")
+    p.add_argument("--config", choices=("paper", "reference", "demo"), default="paper",
+                   help="paper: 256 px, batch 32, the official targets; reference: the released "
+                   "code's recipe (batch 3, one epoch, MGDA, its soft JPEG masks: a cache from "
+                   "prepare.py celebamask-hq --masks reference); demo: 64 px CPU demo")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help="task weighting (default kpi = the paper's S-II)")
+                   help="task weighting (default: the config's; paper kpi = S-II, reference mgda)")
     p.add_argument("--data", default=None, help="a cache from experiments/prepare.py, or a "
                    "folder of aligned face images (stand-in masks and labels; demo default: "
                    f"{DEMO_FACES})")
@@ -69,7 +74,8 @@ def _config(args):
     from idguard_jax import config as config_lib
     from idguard_jax.training import frozen as frozen_lib
 
-    cfg = config_lib.demo() if args.config == "demo" else config_lib.paper()
+    cfg = {"paper": config_lib.paper, "reference": config_lib.reference,
+           "demo": config_lib.demo}[args.config]()
     if args.strategy:
         cfg = dataclasses.replace(cfg, strategy=args.strategy)
     if args.steps is not None:
@@ -89,14 +95,21 @@ def _report_missing(problems: list[str]) -> int:
     return 2
 
 
-def _open_faces(cfg, data_dir: str):
-    """The training faces (a cache or a folder); FileNotFoundError / ValueError if unusable."""
+def _open_faces(cfg, data_dir: str, workdir: str):
+    """The training faces (a cache or a folder); FileNotFoundError / ValueError if unusable.
+    A folder's landmarks are found once and kept in the run's workdir (never beside the faces:
+    that folder may be read-only)."""
+    from idguard_jax.data.cache import check_mask_pipeline
     from idguard_jax.data.datasets import open_dataset
+    from idguard_jax.data.folder_landmarks import LANDMARKS_FILE
     from idguard_jax.networks import identity
 
     chip_based = identity.build(cfg.identity).chip_based
     try:
-        faces = open_dataset(data_dir, cfg.image_size, seed=cfg.seed, landmarks=chip_based)
+        faces = open_dataset(data_dir, cfg.image_size, seed=cfg.seed, landmarks=chip_based,
+                             folder_masks=cfg.folder_masks, log=_note,
+                             landmark_cache=os.path.join(workdir, LANDMARKS_FILE))
+        check_mask_pipeline(data_dir, faces.mask_pipeline, cfg.mask_pipeline)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"--data {e}") from e
     for note in faces.notes:
@@ -113,12 +126,25 @@ def _frozen(cfg, args):
 
     from idguard_jax.training import frozen as frozen_lib
 
-    if args.config == "demo":
-        return frozen_lib.init_frozen_random(cfg, jax.random.key(cfg.seed + 1))
     if cfg.identity == "standin":
         _note("the identity network is a RANDOM stand-in (--set identity=arcface for the "
               "paper's)")
+    if args.config == "demo":
+        return frozen_lib.init_frozen_demo(cfg, jax.random.key(cfg.seed + 1), args.weights)
     return frozen_lib.load_frozen(cfg, args.weights)
+
+
+def _demo_banner(cfg) -> str:
+    """What of the demo is random, what is a stand-in and what is real."""
+    random_parts = ["targets"] + (["identity network"] if cfg.identity == "standin" else [])
+    real = ([f"the identity loss uses {cfg.identity}'s real face recognition network"]
+            if cfg.identity != "standin" else [])
+    real += (["the masks come from dlib's 68 landmarks (brows, eyes, nose, mouth)"]
+             if cfg.folder_masks == "landmarks" else ["the masks are a stand-in central box"])
+    return (f"DEMO: only the {' and '.join(random_parts)} are RANDOM (small, randomly "
+            f"initialised: no target weights exist offline); {'; '.join(real)}; the attribute "
+            "labels and heatmaps are stand-ins (see the notes). This shows the training "
+            "machinery, not the paper's results.")
 
 
 def _delta_p(cfg, prior: str | None):
@@ -143,15 +169,14 @@ def main(argv=None) -> int:
         return _fail(str(e))
     data_dir = args.data or (DEMO_FACES if args.config == "demo" else None)
     problems = missing_inputs(cfg, data=data_dir, weights=args.weights, prior=args.prior,
-                              converted=args.config == "paper")
+                              converted=args.config != "demo")
     if problems:
         return _report_missing(problems)
     if args.config == "demo":
-        print("DEMO: small randomly initialised targets and identity network, stand-in masks; "
-              "this shows the training machinery, not the paper's results.", file=sys.stderr)
+        print(_demo_banner(cfg), file=sys.stderr)
     workdir = args.workdir or os.path.join("runs", f"{args.config}-{cfg.strategy}")
     try:
-        faces = _open_faces(cfg, data_dir)
+        faces = _open_faces(cfg, data_dir, workdir)
         frozen = _frozen(cfg, args)
         delta_p = _delta_p(cfg, args.prior)
         fit(cfg, faces, frozen, workdir, resume=args.resume, delta_p=delta_p)

@@ -1,9 +1,10 @@
 """Training configurations: runnable documentation of every knob.
 
 `paper()` is the paper's setting (IV-A5: 256 px, eps 0.05, batch 32, Adam 1e-4, betas 0.5/0.999,
-the five targets). `demo()` is a few-minute CPU run with small randomly initialised targets: it
-shows the machinery working, not the paper's numbers. Change a field with dataclasses.replace or
-`--set field=value` on experiments/train.py.
+the five targets); `reference()` the released code's recipe (its `solver.py` and `config.py`:
+batch 3, one epoch, MGDA, the soft JPEG masks). `demo()` is a few-minute CPU run with small
+randomly initialised targets: it shows the machinery working, not the paper's numbers. Change a
+field with dataclasses.replace or `--set field=value` on experiments/train.py.
 """
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import dataclasses
 import json
 from typing import Any
 
+from idguard_jax.data.celebamask import MASK_PIPELINES
+from idguard_jax.data.datasets import FOLDER_MASKS
 from idguard_jax.generator import GeneratorConfig
+from idguard_jax.networks.targets import PRIOR_WEIGHTS
 from idguard_jax.training.losses import LossConfig
 from idguard_jax.training.strategies import STRATEGIES
 
-__all__ = ["TrainConfig", "paper", "demo", "tiny", "apply_overrides"]
+__all__ = ["TrainConfig", "paper", "reference", "demo", "tiny", "apply_overrides"]
 
 DTYPES = ("float32", "bfloat16")
 TARGET_SIZES = ("official", "demo", "tiny")
@@ -43,9 +47,15 @@ class TrainConfig:
     identity_config: tuple[tuple[str, Any], ...] = ()   # (field, value) architecture overrides
     identity_normalisation: str = "reference"   # 'reference' (what ID-Guard feeds) or 'trained'
     loss: LossConfig = LossConfig()   # mask mode and term weights (`--set loss.FIELD=...`)
+    # masks the data must hold: 'exact' binary, or the reference's soft JPEG + bilinear masks
+    # (data.celebamask.MASK_PIPELINES; a cache of the other pipeline is refused)
+    mask_pipeline: str = "exact"
+    # masks of a plain folder of aligned faces (a cache has its own): 'box' (stand-in central
+    # box) or 'landmarks' (dlib's 68 landmarks' components; data.datasets.folder_dataset)
+    folder_masks: str = "box"
     # how the per-target losses are weighted
     strategy: str = "kpi"             # training.strategies.STRATEGIES
-    prior_weights: str = "reference"  # 'reference' (1/10/1/10/100) or 'paper' (1/1/1/10/100)
+    prior_weights: str = "reference"  # 'reference' 1/10/1/10/100, 'paper' 1/1/1/10/100, 'none' 1s
     mgda_solver: str = "reference"    # 'reference' (its projected-gradient algorithm) or 'exact'
     mgda_gradients: str = "params"    # 'params' (the reference) or 'perturbation' (MGDA-UB)
     # optimiser (Adam on G's parameters and delta_p together)
@@ -62,8 +72,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        if self.prior_weights not in ("reference", "paper"):
-            raise ValueError(f"prior_weights={self.prior_weights!r}: 'reference' or 'paper'")
+        if self.prior_weights not in PRIOR_WEIGHTS:
+            raise ValueError(f"prior_weights={self.prior_weights!r}: choose one of "
+                             f"{', '.join(PRIOR_WEIGHTS)}")
+        if self.mask_pipeline not in MASK_PIPELINES:
+            raise ValueError(f"mask_pipeline={self.mask_pipeline!r}: choose one of "
+                             f"{', '.join(MASK_PIPELINES)}")
+        if self.folder_masks not in FOLDER_MASKS:
+            raise ValueError(f"folder_masks={self.folder_masks!r}: choose one of "
+                             f"{', '.join(FOLDER_MASKS)}")
         if self.mgda_solver not in ("reference", "exact"):
             raise ValueError(f"mgda_solver={self.mgda_solver!r}: 'reference' or 'exact'")
         if self.mgda_gradients not in ("params", "perturbation"):
@@ -92,12 +109,24 @@ def paper(**overrides) -> TrainConfig:
     return TrainConfig(**overrides)
 
 
+def reference(**overrides) -> TrainConfig:
+    """The released code's recipe (its `config.py` and `solver.py`): batch 3 for one epoch, MGDA
+    (its default `dws`), its soft JPEG + bilinear masks (build the cache with `prepare.py
+    celebamask-hq --masks reference`); everything else as paper(). One epoch is 29,000 // 3 =
+    9,666 steps here (the last partial batch is dropped), 9,667 in the reference; its fp16
+    autocast + GradScaler has no equivalent here (`dtype='bfloat16'` is the nearest)."""
+    base = dict(batch_size=3, num_steps=None, strategy="mgda", mask_pipeline="reference")
+    return TrainConfig(**{**base, **overrides})
+
+
 def demo(**overrides) -> TrainConfig:
-    """A CPU demo of a few minutes: 64 px, batch 4, 3 small RANDOM StarGAN-family targets,
-    a small random stand-in identity network. Not the paper's numbers."""
-    base = dict(image_size=64, batch_size=4, num_steps=120, ngf=16, n_blocks=2,
-                target_size="demo", identity="standin",
-                identity_config=(("width", 8),), checkpoint_every=40, log_every=1)
+    """A CPU demo of a few minutes: 64 px, batch 4, the five targets small and RANDOM (no
+    target weights exist offline); the real parts that do: dlib's face recognition network in
+    the identity loss and masks from dlib's 68 landmarks. 40 steps (120 with the stand-in
+    identity network; dlib's 150 px chips cost ~3 s a step on 2 cores). Not the paper's numbers."""
+    base = dict(image_size=64, batch_size=4, num_steps=40, ngf=16, n_blocks=2,
+                target_size="demo", identity="dlib", folder_masks="landmarks",
+                checkpoint_every=20, log_every=1)
     return TrainConfig(**{**base, **overrides})
 
 

@@ -10,9 +10,25 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["read_rgb", "list_images", "IMAGE_SUFFIXES", "to_rgb", "has_alpha"]
+__all__ = ["read_rgb", "list_images", "list_other_files", "IMAGE_SUFFIXES", "HEIF_READABLE",
+           "to_rgb", "has_alpha"]
 
+# what the training data and the other folder readers take (`list_images`' default)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _register_heif_opener() -> bool:
+    """Let PIL open HEIC/HEIF (iPhone photos) through pillow-heif, once, for every reader here
+    and in `protection.photo_io`. AVIF needs nothing: Pillow >= 11.2 reads it."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+HEIF_READABLE = _register_heif_opener()
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -34,8 +50,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3), EXIF orientation applied; grey, palette, CMYK,
-    16-bit and transparent images are converted as `to_rgb` says.
+    """Read an image file (any format PIL opens: also TIFF, AVIF, and HEIC with pillow-heif) as
+    uint8 RGB (H, W, 3), EXIF orientation applied; grey, palette, CMYK, 16-bit and transparent
+    images are converted as `to_rgb` says.
 
     With `size`, resized to size x size with PIL bilinear (what torchvision's Resize([s, s]) does
     to a PIL image in the reference's data pipeline). Raises ValueError naming the file if it
@@ -53,19 +70,26 @@ def read_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
         raise ValueError(f"{path}: cannot read image ({e})") from e
 
 
-def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
-    """Sorted paths of the image files in `folder` (by suffix, case-insensitive)."""
+def _files(folder: str | os.PathLike, recursive: bool) -> list[str]:
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder")
-    out = []
     if recursive:
-        for root, _, files in os.walk(folder):
-            out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    else:
-        out = [os.path.join(folder, f) for f in os.listdir(folder)
-               if f.lower().endswith(IMAGE_SUFFIXES)]
-    return sorted(out)
+        return [os.path.join(root, f) for root, _, files in os.walk(folder) for f in files]
+    return [os.path.join(folder, f) for f in os.listdir(folder)]
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False,
+                suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+    """Sorted paths of the image files in `folder` (by suffix, case-insensitive)."""
+    return sorted(p for p in _files(folder, recursive) if p.lower().endswith(suffixes))
+
+
+def list_other_files(folder: str | os.PathLike, recursive: bool = False,
+                     suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+    """Sorted paths of the files (not sub-folders) in `folder` that `list_images` leaves out."""
+    return sorted(p for p in _files(folder, recursive)
+                  if not p.lower().endswith(suffixes) and os.path.isfile(p))
 
 
 def has_alpha(im: Image.Image) -> bool:

@@ -24,3 +24,23 @@ def test_strategy_rules():
     assert w2[0] > w2[1] > w2[2] > 0          # harder (lower KPI) tasks weigh more
     with pytest.raises(ValueError, match="mgda"):
         strategies.weights_from_values("mgda", K, alpha, st)
+
+
+def test_kpi_without_prior_weights_is_the_bare_focal_weight():
+    """prior_weights='none': every alpha_k is 1, so KPI's lambda_k is -(1 - K'_k) log K'_k
+    with K' = clip(K, 1e-13, 1), the focal weight of K alone."""
+    from idguard_jax import config
+    from idguard_jax.training.step import create_setup
+
+    five = ("stargan", "aggan", "fpgan", "relgan", "hisd")
+    setup = create_setup(config.tiny(targets=five, strategy="kpi", prior_weights="none"))
+    np.testing.assert_array_equal(setup.alpha, np.ones(5))
+    K = np.array([0.5, 0.1, 1e-20, 0.9, 3.0], np.float32)
+    w, _ = strategies.weights_from_values("kpi", jnp.asarray(K), setup.alpha,
+                                          strategies.initial_strategy_state(5))
+    k = np.clip(K.astype(np.float64), 1e-13, 1.0)
+    np.testing.assert_allclose(w, -(1.0 - k) * np.log(k), rtol=1e-5)
+    with_prior = create_setup(config.tiny(targets=five, strategy="kpi")).alpha
+    assert not np.array_equal(with_prior, setup.alpha)   # the reference's alphas differ
+    with pytest.raises(ValueError, match="none"):
+        config.tiny(prior_weights="nothing")

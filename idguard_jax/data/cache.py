@@ -1,8 +1,10 @@
 """The training-data cache: fixed-size uint8 arrays on disk that a run memory-maps.
 
-    CACHE/meta.json     dataset, root, image size, count, names, notes
+    CACHE/meta.json     dataset, root, image size, count, names, notes, mask_pipeline
     CACHE/images.u8     (N, S, S, 3) uint8 faces
-    CACHE/masks.u8      (N, S, S, 1) uint8 binary component masks
+    CACHE/masks.u8      (N, S, S, 1) uint8 component masks: {0, 1} (mask_pipeline 'exact', and
+                        a meta.json without the key) or 0..255 soft ('reference', the
+                        reference's JPEG + bilinear pipeline: data.celebamask.reference_mask)
     CACHE/labels.f32    (N, 5) float32 StarGAN attributes
     CACHE/landmarks.f32 (N, 5, 2) dlib 5-point landmarks in unit coordinates (with --landmarks)
     CACHE/status.u8     (N,) 0 = to do, 1 = done, 2 = failed (reasons in failed.json)
@@ -22,14 +24,32 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from idguard_jax.data.celebamask import MASK_PIPELINES
 from idguard_jax.data.datasets import FaceData
 
-__all__ = ["build_cache", "open_cache", "write_heatmaps", "FACE_MASKS_FILE"]
+__all__ = ["build_cache", "open_cache", "write_heatmaps", "FACE_MASKS_FILE",
+           "mask_pipeline_of", "check_mask_pipeline"]
 
 TODO, DONE, FAILED = 0, 1, 2
 # (N, S, S, 1) uint8 whole-face masks for L2_face: written by experiments/prepare.py (photos),
 # read by experiments/evaluate.py
 FACE_MASKS_FILE = "facemasks.u8.npy"
+
+
+def mask_pipeline_of(meta: dict) -> str:
+    """The mask pipeline a cache's meta records; caches from before the key hold 'exact'."""
+    return meta.get("mask_pipeline", "exact")
+
+
+def check_mask_pipeline(source: str, holds: str, wanted: str) -> None:
+    """ValueError naming `source` and both pipelines when its masks are not `wanted`'s."""
+    if wanted not in MASK_PIPELINES:
+        raise ValueError(f"mask_pipeline={wanted!r}: choose one of {', '.join(MASK_PIPELINES)}")
+    if holds != wanted:
+        raise ValueError(
+            f"{source}: holds masks of the {holds!r} pipeline, but the {wanted!r} pipeline is "
+            f"asked for (rebuild it with experiments/prepare.py celebamask-hq --masks {wanted}, "
+            f"or train with --set mask_pipeline={holds})")
 
 
 def _arrays(cache: str, n: int, size: int, mode: str) -> dict[str, np.memmap]:
@@ -51,10 +71,15 @@ def build_cache(cache: str, names: Sequence[str], load: Callable[[int], tuple], 
     """
     os.makedirs(cache, exist_ok=True)
     meta_path = os.path.join(cache, "meta.json")
-    meta = {**meta, "size": size, "count": len(names), "names": list(names)}
+    meta = {**meta, "size": size, "count": len(names), "names": list(names),
+            "mask_pipeline": mask_pipeline_of(meta)}
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
+        if mask_pipeline_of(old) != meta["mask_pipeline"]:
+            raise FileExistsError(f"{cache}: holds masks of the {mask_pipeline_of(old)!r} "
+                                  f"pipeline, not {meta['mask_pipeline']!r}; choose another "
+                                  "CACHE_DIR")
         keys = ("dataset", "size", "count", "names", "landmarks")
         if any(old.get(k) != meta.get(k) for k in keys):
             raise FileExistsError(f"{cache}: holds a cache of another dataset, size or image "
@@ -103,13 +128,18 @@ def build_cache(cache: str, names: Sequence[str], load: Callable[[int], tuple], 
     return counts
 
 
-def open_cache(cache: str) -> FaceData:
-    """The done rows of a cache as FaceData over memory-mapped arrays (nothing read yet)."""
+def open_cache(cache: str, mask_pipeline: str | None = None) -> FaceData:
+    """The done rows of a cache as FaceData over memory-mapped arrays (nothing read yet).
+
+    mask_pipeline: refuse (ValueError naming the cache and both) a cache whose masks were made
+    by another pipeline (data.celebamask.MASK_PIPELINES); None accepts either."""
     meta_path = os.path.join(cache, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{cache}: no cache here (build it with experiments/prepare.py)")
     with open(meta_path) as f:
         meta = json.load(f)
+    if mask_pipeline is not None:
+        check_mask_pipeline(cache, mask_pipeline_of(meta), mask_pipeline)
     arrays = {name: np.load(os.path.join(cache, name + ".npy"), mmap_mode="r")
               for name in ("images.u8", "masks.u8", "labels.f32", "landmarks.f32", "status.u8")}
     rows = np.flatnonzero(np.asarray(arrays["status.u8"]) == DONE)
@@ -129,7 +159,7 @@ def open_cache(cache: str) -> FaceData:
                     labels=arrays["labels.f32"], names=[meta["names"][i] for i in rows],
                     notes=tuple(meta.get("notes", ())) + (() if heatmaps is not None else (
                         "heatmaps: uniform (compute them with experiments/heatmaps.py CACHE)",)),
-                    rows=rows, landmarks=landmarks)
+                    rows=rows, landmarks=landmarks, mask_pipeline=mask_pipeline_of(meta))
 
 
 def write_heatmaps(cache: str, compute: Callable[[np.ndarray], np.ndarray], batch_size: int,

@@ -6,13 +6,18 @@ reference's `data/dataset.py`).
     ROOT/CelebAMask-HQ-attribute-anno.txt                       count, 40 names, then rows
 
 Split: the first 1000 attribute rows are the test set, the rest train (the reference's rule).
-Labels: the 5 StarGAN attributes as 0/1 floats. Binary mask: the union of the facial-component
-parts, 512 -> 256 by 2x2 area averaging, then >= 0.5 (kept exactly binary; the reference saves it
-as a JPEG and reads back a slightly blurred mask).
+Labels: the 5 StarGAN attributes as 0/1 floats. Masks, the union of the facial-component parts,
+by one of MASK_PIPELINES:
+
+- 'exact': 512 -> 256 by 2x2 area averaging, then >= 0.5: uint8 {0, 1}, exactly binary;
+- 'reference': the reference's pipeline (its `data/process_dataset.py` writes the union as a
+  greyscale JPEG with cv2.imwrite; its `data/dataset.py` reads it back as RGB and resizes it with
+  `T.Resize`): soft uint8 0..255 with blurred edges and faint JPEG halos (`reference_mask`).
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -21,8 +26,8 @@ from PIL import Image
 from idguard_jax.image_files import read_rgb
 from idguard_jax.networks.targets import STARGAN_ATTRIBUTES
 
-__all__ = ["COMPONENT_PARTS", "TEST_ROWS", "Record", "read_attributes", "component_mask",
-           "check_layout", "load_record"]
+__all__ = ["COMPONENT_PARTS", "TEST_ROWS", "MASK_PIPELINES", "Record", "read_attributes",
+           "component_union", "reference_mask", "component_mask", "check_layout", "load_record"]
 
 IMAGES = "CelebA-HQ-img"
 MASKS = "CelebAMask-HQ-mask-anno"
@@ -30,6 +35,8 @@ ATTRIBUTES = "CelebAMask-HQ-attribute-anno.txt"
 COMPONENT_PARTS = ("l_brow", "r_brow", "l_eye", "r_eye", "nose", "mouth", "u_lip", "l_lip")
 TEST_ROWS = 1000
 MASK_FOLDER_SIZE = 2000
+MASK_PIPELINES = ("exact", "reference")   # stored as uint8 {0, 1} and 0..255
+REFERENCE_JPEG_QUALITY = 95               # cv2.imwrite's default IMWRITE_JPEG_QUALITY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +83,9 @@ def read_attributes(root: str, split: str = "train") -> list[Record]:
     return records
 
 
-def component_mask(root: str, index: int, size: int = 256) -> np.ndarray:
-    """(size, size, 1) uint8 {0,1}: union of the component parts, area-averaged, >= 0.5.
-
-    A missing part file means that part is absent (the dataset's convention)."""
+def component_union(root: str, index: int, threshold: int = 127) -> np.ndarray | None:
+    """(H, W) bool at the annotation's resolution: the union of the component parts whose grey
+    level is > threshold (None: no part file; a missing file means the part is absent)."""
     folder = os.path.join(root, MASKS, str(index // MASK_FOLDER_SIZE))
     union = None
     for part in COMPONENT_PARTS:
@@ -87,19 +93,59 @@ def component_mask(root: str, index: int, size: int = 256) -> np.ndarray:
         if not os.path.exists(path):
             continue
         with Image.open(path) as im:
-            m = np.asarray(im.convert("L")) > 127
+            m = np.asarray(im.convert("L")) > threshold
         union = m if union is None else union | m
-    if union is None:
-        return np.zeros((size, size, 1), np.uint8)
+    return union
+
+
+def _exact_mask(union: np.ndarray, size: int, where: str) -> np.ndarray:
+    """(size, size, 1) uint8 {0,1}: `union` area-averaged to size, then >= 0.5."""
     h, w = union.shape
     if h % size or w % size:
-        raise ValueError(f"{folder}: {h}x{w} masks do not shrink to {size} by area averaging")
+        raise ValueError(f"{where}: {h}x{w} masks do not shrink to {size} by area averaging")
     fy, fx = h // size, w // size
     area = union.reshape(size, fy, size, fx).mean(axis=(1, 3))
     return (area >= 0.5).astype(np.uint8)[..., None]
 
 
-def load_record(root: str, record: Record, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(image (size,size,3) uint8, mask (size,size,1) uint8) of one record."""
+def reference_mask(union: np.ndarray, size: int) -> np.ndarray:
+    """(size, size, 1) uint8 0..255: the reference's mask of a (H, W) bool union.
+
+    The union as {0, 255} is JPEG-encoded as one greyscale component at quality 95 (cv2.imwrite's
+    defaults: baseline, standard Huffman tables, no optimisation, integer DCT; its 4:2:0 chroma
+    setting does not apply to one component). Here Pillow's libjpeg-turbo encodes it; OpenCV
+    bundles its own libjpeg(-turbo), whose version may differ (OpenCV 5.0's gave the same entropy
+    data and the same masks on 12 landmark masks of 512 px). Then it is decoded, converted to RGB as
+    the reference's `Image.open(...).convert('RGB')` does, and resized to size x size with PIL's
+    BILINEAR filter (what `T.Resize` does to a PIL image: antialiased, not align_corners). The
+    three channels are equal; one is kept. /255 gives the reference's (ToTensor, Normalize,
+    (x+1)/2) mask up to float rounding.
+    """
+    buf = io.BytesIO()
+    Image.fromarray(union.astype(np.uint8) * 255).save(
+        buf, "JPEG", quality=REFERENCE_JPEG_QUALITY, optimize=False, progressive=False)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)[..., :1].copy()
+
+
+def component_mask(root: str, index: int, size: int = 256, pipeline: str = "exact") -> np.ndarray:
+    """(size, size, 1) uint8 mask of the component parts by `pipeline` (MASK_PIPELINES):
+    'exact' {0,1} (parts > 127, area-averaged, >= 0.5), 'reference' 0..255 (parts > 0 as the
+    reference's `process_dataset.py` thresholds them, then `reference_mask`)."""
+    if pipeline not in MASK_PIPELINES:
+        raise ValueError(f"mask pipeline {pipeline!r}: choose one of {', '.join(MASK_PIPELINES)}")
+    union = component_union(root, index, threshold=127 if pipeline == "exact" else 0)
+    if union is None:   # the reference writes an all-zero image: it stays zero either way
+        return np.zeros((size, size, 1), np.uint8)
+    if pipeline == "reference":
+        return reference_mask(union, size)
+    return _exact_mask(union, size, os.path.join(root, MASKS, str(index // MASK_FOLDER_SIZE)))
+
+
+def load_record(root: str, record: Record, size: int = 256,
+                pipeline: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """(image (size,size,3) uint8, mask (size,size,1) uint8 by `pipeline`) of one record."""
     image = read_rgb(os.path.join(root, IMAGES, record.name), size)
-    return image, component_mask(root, record.index, size)
+    return image, component_mask(root, record.index, size, pipeline)

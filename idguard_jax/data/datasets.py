@@ -8,10 +8,14 @@ import warnings
 
 import numpy as np
 
+from idguard_jax.data.folder_landmarks import cached_landmarks, find_landmarks
 from idguard_jax.image_files import IMAGE_SUFFIXES, list_images, read_rgb
 
 __all__ = ["load_folder", "central_face_mask", "FaceData", "folder_dataset", "face_landmarks",
-           "open_dataset"]
+           "landmark_masks", "open_dataset", "FOLDER_MASKS"]
+
+# The masks of a folder of aligned faces without annotations (folder_dataset).
+FOLDER_MASKS = ("box", "landmarks")
 
 
 def load_folder(folder: str | os.PathLike, size: int,
@@ -49,7 +53,8 @@ def central_face_mask(size: int) -> np.ndarray:
 class FaceData:
     """A training set held as arrays (in memory, or memory-mapped from a cache: `data.cache`).
 
-    images (N,S,S,3) uint8; masks (N,S,S,1) uint8 in {0,1} (the binary facial-component mask);
+    images (N,S,S,3) uint8; masks (N,S,S,1) uint8 facial-component masks, {0,1} when
+    mask_pipeline is 'exact' (binary), 0..255 when 'reference' (soft: data.celebamask);
     heatmaps (N,S,S,1) float32 in [0,1] or None (= uniform); labels (N,5) float32 (the StarGAN
     attributes). `notes` says what is a stand-in, and travels into logs and checkpoints.
     """
@@ -63,64 +68,78 @@ class FaceData:
     # (N, 5, 2) dlib 5-point landmarks of the clean faces in unit coordinates (x/W, y/H), or None;
     # needed by chip-based identity networks (dlib), which cut their face chip with them.
     landmarks: np.ndarray | None = None
+    mask_pipeline: str = "exact"     # how `masks` were made and scaled (data.celebamask)
 
     def __len__(self) -> int:
         return len(self.images) if self.rows is None else len(self.rows)
 
 
 def face_landmarks(paths: list[str]) -> np.ndarray:
-    """(N, 5, 2) dlib 5-point landmarks in unit coordinates, found at each file's own resolution.
+    """(N, 5, 2) dlib 5-point landmarks in unit coordinates, found at each file's own resolution
+    (`folder_landmarks.find_landmarks`: the mean landmarks where no face is found)."""
+    return find_landmarks(paths)[0]
 
-    An image where no face is found gets the mean landmarks of the others (aligned faces sit
-    in the same place), with a warning naming it; no face anywhere is an error."""
-    from idguard_jax.faces.detection import FaceAnalyzer
 
-    analyzer = FaceAnalyzer()
-    found, missing = {}, []
-    for i, p in enumerate(paths):
-        img = read_rgb(p)
-        pts = analyzer.largest_face(img)
-        if pts is None:
-            missing.append(i)
-        else:
-            found[i] = pts / np.array([img.shape[1], img.shape[0]], np.float32)
-    if not found:
-        raise ValueError(f"no face found in any of {len(paths)} images (e.g. {paths[0]})")
-    mean = np.mean(list(found.values()), axis=0)
-    for i in missing:
-        warnings.warn(f"{paths[i]}: no face found; using the mean landmarks", stacklevel=2)
-    return np.stack([found.get(i, mean) for i in range(len(paths))]).astype(np.float32)
+def landmark_masks(landmarks68: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size, 1) uint8 {0,1} masks of the brows, eyes, nose and mouth from (N, 68, 2)
+    unit landmarks of aligned faces (`align.component_mask_from_landmarks`, as prepare.py's
+    photos: CelebAMask-HQ's components)."""
+    from idguard_jax.faces.align import component_mask_from_landmarks
+
+    return np.stack([component_mask_from_landmarks(pts * size, size) for pts in landmarks68])
 
 
 def folder_dataset(folder, size: int, seed: int = 0, limit: int | None = None,
-                   landmarks: bool = False) -> FaceData:
-    """A folder of aligned faces with STAND-IN annotations: central-box masks, uniform heatmaps
-    and random attribute labels (seeded). Enough to exercise training; not the paper's data.
-    With `landmarks`, dlib's 5 landmarks of each face (for the dlib identity network)."""
+                   landmarks: bool = False, masks: str = "box",
+                   landmark_cache: str | os.PathLike | None = None, log=None) -> FaceData:
+    """A folder of aligned faces with STAND-IN annotations: uniform heatmaps, random attribute
+    labels (seeded) and central-box masks. Enough to exercise training; not the paper's data.
+
+    landmarks: dlib's 5 landmarks of each face (for the dlib identity network).
+    masks: 'box' (the stand-in central box) or 'landmarks' (the components' hulls of dlib's 68
+      landmarks, `landmark_masks`).
+    landmark_cache: a file keeping the landmarks found, read back while the folder's files are
+      unchanged (`folder_landmarks.cached_landmarks`, which says so through `log`); None:
+      found every time.
+    """
+    if masks not in FOLDER_MASKS:
+        raise ValueError(f"masks={masks!r}: choose one of {', '.join(FOLDER_MASKS)}")
     images, paths = load_folder(folder, size, limit)
     n = len(images)
-    masks = np.broadcast_to(central_face_mask(size).astype(np.uint8), (n, size, size, 1)).copy()
+    five = sixty_eight = None
+    if masks == "landmarks" or landmarks:
+        five, sixty_eight = cached_landmarks(paths, landmark_cache, log=log)
+    if masks == "landmarks":
+        mask_array = landmark_masks(sixty_eight, size)
+        mask_note = "masks: filled, dilated hulls of dlib's 68 landmarks (brows, eyes, nose, mouth)"
+    else:
+        mask_array = np.broadcast_to(central_face_mask(size).astype(np.uint8),
+                                     (n, size, size, 1)).copy()
+        mask_note = "stand-in masks: central face box"
     labels = np.random.default_rng(seed).integers(0, 2, (n, 5)).astype(np.float32)
-    return FaceData(images=images, masks=masks, heatmaps=None, labels=labels,
+    return FaceData(images=images, masks=mask_array, heatmaps=None, labels=labels,
                     names=[os.path.basename(p) for p in paths],
-                    landmarks=face_landmarks(paths) if landmarks else None,
-                    notes=("stand-in masks: central face box", "stand-in heatmaps: uniform",
-                           "stand-in labels: random"))
+                    landmarks=five if landmarks else None,
+                    notes=(mask_note, "stand-in heatmaps: uniform", "stand-in labels: random"))
 
 
 def open_dataset(path: str | os.PathLike, image_size: int, *, seed: int = 0,
-                 landmarks: bool = False) -> FaceData:
+                 landmarks: bool = False, folder_masks: str = "box",
+                 landmark_cache: str | os.PathLike | None = None, log=None) -> FaceData:
     """A cache (a folder with meta.json, data.cache) memory-mapped, or else a folder of aligned
     faces (`folder_dataset`: stand-in masks and labels drawn from `seed`), at image_size px.
     landmarks: the faces' dlib landmarks are needed (a chip-based identity network): a folder
-    computes them, a cache must hold them. Raises FileNotFoundError / ValueError naming path."""
+    computes them, a cache must hold them. folder_masks, landmark_cache, log: a folder's masks
+    and where its landmarks are kept (`folder_dataset`); a cache has its own masks and landmarks.
+    Raises FileNotFoundError / ValueError naming path."""
     from idguard_jax.data.cache import open_cache   # cache builds on FaceData
 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such folder")
     if not os.path.exists(os.path.join(path, "meta.json")):
-        return folder_dataset(path, image_size, seed=seed, landmarks=landmarks)
+        return folder_dataset(path, image_size, seed=seed, landmarks=landmarks,
+                              masks=folder_masks, landmark_cache=landmark_cache, log=log)
     faces = open_cache(path)
     if faces.images.shape[1] != image_size:
         raise ValueError(f"{path}: cached at {faces.images.shape[1]} px, the config trains at "

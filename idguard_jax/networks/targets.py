@@ -40,6 +40,8 @@ PRIOR_WEIGHTS = {
     "reference": {"stargan": 1.0, "aggan": 10.0, "fpgan": 1.0, "relgan": 10.0, "hisd": 100.0},
     # what the paper states (IV-A5)
     "paper": {"stargan": 1.0, "aggan": 1.0, "fpgan": 1.0, "relgan": 10.0, "hisd": 100.0},
+    # no prior: KPI weighs by the focal weight of K alone (the paper's KPI-without-alpha ablation)
+    "none": {"stargan": 1.0, "aggan": 1.0, "fpgan": 1.0, "relgan": 1.0, "hisd": 1.0},
 }
 
 

@@ -4,12 +4,14 @@ PERTURBATION (not a resampled face) warped back and added at full resolution.
     gen = protect.load("weights/generator")
     outcomes = photos.protect_photos(gen, [("in/a.jpg", "out/a.jpg"), ...])
 
-Per photo: decode (photo_io.read_photo: format, mode, EXIF orientation and metadata kept) ->
-dlib detection and 68 landmarks on the upright picture -> each face aligned to the generator's
+Per photo: decode (photo_io.read_photo: format, mode, frames, EXIF orientation and metadata
+kept) -> dlib detection and 68 landmarks on the upright picture (every frame of an animation)
+-> each face aligned to the generator's
 S x S frame (align.analyse_image) -> faces of many photos batched through the jitted protection
 function -> each face's delta = x_adv - x warped back (align.warp_to_photo), summed, clipped to
 eps in the photo's own 0..255 scale (eps 0.05 in [-1, 1] units = 6.375 grey levels, so at most
-6) -> written in the input's format with its metadata, to a temporary name, then renamed.
+6) -> written in the input's format (a GIF as PNG, see photo_io.output_format) with its
+metadata, to a temporary name, then renamed.
 
 One bad photo never stops the rest: each photo gets an `Outcome`, with the reason if it failed.
 """
@@ -28,11 +30,13 @@ from idguard_jax.faces import align
 from idguard_jax.generator import Generator
 from idguard_jax.images import clip_to_budget, to_float
 from idguard_jax.protection import faces as protect
-from idguard_jax.protection.photo_io import (Photo, decode_stored, encode_photo, orient,
-                                             read_photo, unorient)
+from idguard_jax.protection.pipeline import Pipeline
+from idguard_jax.protection.photo_io import (Photo, decode_frames, encode_photo, orient,
+                                             output_format, read_photo, unorient,
+                                             writes_upright)
 
 __all__ = ["Outcome", "PhotoOptions", "protect_photos", "perturbation_for_photo", "encode_keeping",
-           "JPEG_QUALITIES",
+           "JPEG_QUALITIES", "AVIF_QUALITIES", "QUALITIES",
            "apply_perturbation", "TMP_MARK", "PROTECTED", "NO_FACE", "FAILED", "COPIED"]
 
 PROTECTED, NO_FACE, COPIED, FAILED = "protected", "no face", "copied (no face)", "failed"
@@ -41,6 +45,10 @@ TMP_MARK = ".idguard-tmp"   # temporary outputs: ".NAME.idguard-tmp-PID", rename
 # noise-like perturbation, 95 / 98 / 100 keep about 74% / 86% / 91% of its energy at 1.5x / 2x /
 # 3.4x the input's file size.
 JPEG_QUALITIES = (95, 98, 100)
+# AVIF likewise (4:4:4; Pillow's AVIF is never lossless: it always converts to YCbCr). On the
+# shared photos with +-6 grey levels of noise, 95 / 98 / 100 keep about 61% / 81% / 94%.
+AVIF_QUALITIES = (95, 98, 100)
+QUALITIES = {"JPEG": JPEG_QUALITIES, "AVIF": AVIF_QUALITIES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +57,17 @@ class PhotoOptions:
 
     eps: L-inf budget in [-1, 1] units (None: the generator's training eps); min_face: faces
     with a detection box narrower than this (px) are reported, not protected; no_face: 'skip' or
-    'copy' photos without a usable face; output_format: None (the input's) or a PIL format name
-    ('PNG'); jpeg_quality: for JPEG outputs (4:4:4 chroma), 1-100 or 'auto' (see encode_keeping,
-    with `keep` the share of the perturbation's energy to keep); strip_metadata: drop EXIF/XMP/text;
+    'copy' photos without a usable face; output_format: None (the input's; a GIF's is PNG
+    unless keep_gif, see photo_io.output_format) or a PIL format name ('PNG'); jpeg_quality: for
+    JPEG and AVIF outputs (4:4:4 chroma), 1-100 or 'auto' (see encode_keeping, with `keep` the
+    share of the perturbation's energy to keep); strip_metadata: drop EXIF/XMP/text;
     detect_max_side: larger photos are searched for faces at this size; batch_size: faces per
     generator call (across photos); workers: threads decoding, detecting and encoding."""
     eps: float | None = None
     min_face: int = 64
     no_face: str = "skip"
     output_format: str | None = None
+    keep_gif: bool = False
     jpeg_quality: int | str = "auto"
     keep: float = 0.9
     strip_metadata: bool = False
@@ -122,6 +132,7 @@ class _Analysed:
     output: str
     photo: Photo | None = None
     faces: list = dataclasses.field(default_factory=list)     # align.AlignedFace, status OK
+    face_frames: list = dataclasses.field(default_factory=list)   # each face's frame index
     too_small: int = 0
     deltas: list = dataclasses.field(default_factory=list)
     error: str | None = None
@@ -146,29 +157,54 @@ def _visible_cost(original: np.ndarray, written: np.ndarray, intended: np.ndarra
     return psnr, ssim, float(max(0.0, 1.0 - err / want))
 
 
-def encode_keeping(photo: Photo, stored: np.ndarray, options: "PhotoOptions"
-                   ) -> tuple[bytes, dict, np.ndarray]:
-    """Encode the protected pixels as options say: (file bytes, what was done, decoded pixels
-    in the written layout). JPEG at quality 'auto' tries JPEG_QUALITIES in turn and keeps the
-    first whose decoded pixels keep >= options.keep of the perturbation's energy (else the
-    last); the choice and the share kept are reported in what was done."""
-    fmt = options.output_format or photo.format
-    intended, original = stored, photo.stored
-    if options.strip_metadata:   # written upright
-        intended, original = orient(stored, photo.orientation), orient(original, photo.orientation)
-    auto = fmt == "JPEG" and options.jpeg_quality == "auto"
-    qualities = JPEG_QUALITIES if auto else (options.jpeg_quality if fmt == "JPEG" else 95,)
-    for quality in qualities:
-        data, done = encode_photo(photo, stored, format=fmt, jpeg_quality=int(quality),
-                                  strip_metadata=options.strip_metadata)
-        decoded = decode_stored(data, photo.mode)
-        psnr, ssim, kept = _visible_cost(original, decoded, intended)
-        if not auto or kept >= options.keep:
-            break
+def _repeats_merged(decoded: list, intended: list, original: list) -> tuple[list, list]:
+    """APNG and GIF writers merge a frame equal to the one before into it (adding durations):
+    drop such frames from `intended` and `original` too, so frame i is frame i in all three."""
+    if len(decoded) == len(intended):
+        return intended, original
+    kept = [i for i in range(len(intended))
+            if i == 0 or not np.array_equal(intended[i], intended[i - 1])]
+    if len(kept) != len(decoded):
+        raise ValueError(f"{len(intended)} frames written, {len(decoded)} read back")
+    return [intended[i] for i in kept], [original[i] for i in kept]
+
+
+def _encode_measured(photo: Photo, layers: list, fmt: str, quality: int,
+                     strip_metadata: bool) -> tuple[bytes, dict, list]:
+    """One encoding of every frame, its PSNR/SSIM/kept (see `_visible_cost`, over all frames
+    stacked) in what was done, and the decoded frames."""
+    data, done = encode_photo(photo, layers[0], frames=layers[1:], format=fmt,
+                              quality=int(quality), strip_metadata=strip_metadata)
+    intended, original = layers, photo.layers()
+    if writes_upright(photo, fmt, strip_metadata):
+        intended = [orient(a, photo.orientation) for a in intended]
+        original = [orient(a, photo.orientation) for a in original]
+    decoded = decode_frames(data, photo.mode)
+    intended, original = _repeats_merged(decoded, intended, original)
+    psnr, ssim, kept = _visible_cost(*(np.concatenate(a, axis=0)
+                                       for a in (original, decoded, intended)))
     done.update(psnr=psnr, ssim=ssim, kept=kept)
-    if auto:
-        done["quality_rule"] = f"lowest of {list(JPEG_QUALITIES)} keeping >= {options.keep:.0%}"
     return data, done, decoded
+
+
+def encode_keeping(photo: Photo, stored: np.ndarray, options: "PhotoOptions",
+                   frames: Sequence[np.ndarray] = ()) -> tuple[bytes, dict, np.ndarray]:
+    """Encode the protected pixels (`frames`: an animation's further frames) as options say:
+    (file bytes, what was done, decoded first frame in the written layout). JPEG and AVIF at
+    quality 'auto' try QUALITIES[format] in turn and keep the first whose decoded pixels keep
+    >= options.keep of the perturbation's energy (else the last); the choice and the share
+    kept are reported in what was done."""
+    fmt = output_format(photo.format, options.output_format, options.keep_gif)
+    auto = fmt in QUALITIES and options.jpeg_quality == "auto"
+    qualities = QUALITIES[fmt] if auto else (options.jpeg_quality if fmt in QUALITIES else 95,)
+    for quality in qualities:
+        data, done, decoded = _encode_measured(photo, [stored, *frames], fmt, quality,
+                                               options.strip_metadata)
+        if not auto or done["kept"] >= options.keep:
+            break
+    if auto:
+        done["quality_rule"] = f"lowest of {list(QUALITIES[fmt])} keeping >= {options.keep:.0%}"
+    return data, done, decoded[0]
 
 
 def _tmp_path(output: str) -> str:
@@ -209,9 +245,9 @@ def protect_photos(gen: Generator, jobs: Iterable[tuple[str, str]],
     jobs = list(jobs)
     analyse = _Analyser(jobs, analyzer_factory, gen.config.image_size, options)
     with cf.ThreadPoolExecutor(max(1, options.workers)) as pool:
-        pipeline = _Pipeline(pool, len(jobs), analyse, lambda item: _finish(item, options, eps),
-                             lambda waiting: _protect_batch(gen, waiting, options.batch_size, eps),
-                             options, on_result)
+        pipeline = Pipeline(pool, len(jobs), analyse, lambda item: _finish(item, options, eps),
+                            lambda waiting: _protect_batch(gen, waiting, options.batch_size, eps),
+                            options.batch_size, options.workers, on_result)
         return pipeline.run()
 
 
@@ -230,13 +266,30 @@ class _Analyser:
             if not hasattr(self.local, "analyzer"):
                 self.local.analyzer = self.factory()
             item.photo = read_photo(source)
-            faces = align.analyse_image(item.photo.upright, self.local.analyzer, self.size,
-                                        self.options.min_face, self.options.detect_max_side)
-            item.faces = [f for f in faces if f.status == align.OK]
-            item.too_small = len(faces) - len(item.faces)
+            for frame, upright in enumerate(item.photo.upright_frames()):
+                faces = align.analyse_image(upright, self.local.analyzer, self.size,
+                                            self.options.min_face, self.options.detect_max_side)
+                usable = [f for f in faces if f.status == align.OK]
+                item.faces += usable
+                item.face_frames += [frame] * len(usable)
+                item.too_small += len(faces) - len(usable)
         except Exception as e:  # one bad photo never stops the batch: say why, go on
             item.error = str(e) if isinstance(e, ValueError) else f"{source}: {e!r}"
         return item
+
+
+def _protected_layers(item: _Analysed, eps: float) -> list[np.ndarray]:
+    """Every frame of the photo with its own faces' perturbations added (frames without a face
+    unchanged), in the stored layout."""
+    photo, layers = item.photo, item.photo.layers()
+    for frame in sorted(set(item.face_frames)):
+        mine = [i for i, f in enumerate(item.face_frames) if f == frame]
+        delta = perturbation_for_photo([item.deltas[i] for i in mine],
+                                       [item.faces[i].transform for i in mine],
+                                       photo.upright.shape[:2], eps)
+        layers[frame] = apply_perturbation(dataclasses.replace(photo, stored=layers[frame]),
+                                           delta, eps)
+    return layers
 
 
 def _finish(item: _Analysed, options: PhotoOptions, eps: float) -> Outcome:
@@ -251,14 +304,12 @@ def _finish(item: _Analysed, options: PhotoOptions, eps: float) -> Outcome:
             if options.no_face == "skip":
                 out.status, out.output = NO_FACE, None
                 return out
-            data, out.written, _ = encode_keeping(photo, photo.stored, options)
+            data, out.written, _ = encode_keeping(photo, photo.stored, options, photo.frames)
             _write_atomic(item.output, data)
             out.status = COPIED
             return out
-        delta = perturbation_for_photo(item.deltas, [f.transform for f in item.faces],
-                                       photo.upright.shape[:2], eps)
-        stored = apply_perturbation(photo, delta, eps)
-        data, out.written, _ = encode_keeping(photo, stored, options)
+        layers = _protected_layers(item, eps)
+        data, out.written, _ = encode_keeping(photo, layers[0], options, layers[1:])
         _write_atomic(item.output, data)
         out.psnr, out.ssim, out.kept = (out.written.pop(k) for k in ("psnr", "ssim", "kept"))
         out.status, out.faces = PROTECTED, len(item.faces)
@@ -266,78 +317,6 @@ def _finish(item: _Analysed, options: PhotoOptions, eps: float) -> Outcome:
         out.status, out.output = FAILED, None
         out.error = str(e) if isinstance(e, (ValueError, OSError)) else f"{item.source}: {e!r}"
     return out
-
-
-class _Pipeline:
-    """Photos flow analyse (threads) -> protect (batched across photos, this thread) -> finish
-    (threads), a bounded number of jobs ahead; analyses are taken and outcomes reported in
-    input order, so batches and outputs follow it."""
-
-    def __init__(self, pool: cf.ThreadPoolExecutor, n: int, analyse, finish, protect_batch,
-                 options: PhotoOptions, on_result):
-        self.pool, self.n, self.analyse, self.finish = pool, n, analyse, finish
-        self.protect_batch, self.on_result = protect_batch, on_result
-        self.batch_size = options.batch_size
-        self.lookahead = max(2 * options.batch_size, 2 * options.workers)
-        self.outcomes: list[Outcome | None] = [None] * n
-        self.analysing: dict[int, cf.Future] = {}     # job index -> future _Analysed
-        self.waiting: list[_Analysed] = []            # analysed, in order; faces not all protected
-        self.finishing: dict[int, cf.Future] = {}     # job index -> future Outcome
-        self.next_job = self.next_analysed = self.next_report = 0
-
-    def run(self) -> list[Outcome]:
-        try:
-            while self.next_report < self.n:
-                self._submit_ahead()
-                self._take_analysed()
-                if self._protect_ready():
-                    continue
-                self._wait()
-                self._report_finished()
-        finally:
-            for future in self.analysing.values():
-                future.cancel()
-        return self.outcomes
-
-    def _submit_ahead(self) -> None:
-        while self.next_job < self.n and self.next_job - self.next_report < self.lookahead:
-            self.analysing[self.next_job] = self.pool.submit(self.analyse, self.next_job)
-            self.next_job += 1
-
-    def _take_analysed(self) -> None:
-        """Analyses done, in input order: photos with faces wait for protection, others finish."""
-        while self.next_analysed in self.analysing and self.analysing[self.next_analysed].done():
-            item = self.analysing.pop(self.next_analysed).result()
-            if item.faces and not item.error:
-                self.waiting.append(item)
-            else:
-                self.finishing[self.next_analysed] = self.pool.submit(self.finish, item)
-            self.next_analysed += 1
-
-    def _protect_ready(self) -> bool:
-        """One batch of waiting faces, when a full one waits or nothing more is being analysed;
-        photos whose faces are all protected go on to finish. True if a batch ran."""
-        pending = sum(len(it.faces) - len(it.deltas) for it in self.waiting)
-        if not self.waiting or (pending < self.batch_size and self.next_analysed != self.next_job):
-            return False
-        self.protect_batch(self.waiting)
-        for item in [it for it in self.waiting if len(it.deltas) == len(it.faces)]:
-            self.finishing[item.index] = self.pool.submit(self.finish, item)
-        self.waiting = [it for it in self.waiting if len(it.deltas) < len(it.faces)]
-        return True
-
-    def _wait(self) -> None:
-        watch = [f for f in (self.analysing.get(self.next_analysed),
-                             self.finishing.get(self.next_report)) if f is not None]
-        if watch:
-            cf.wait(watch, return_when=cf.FIRST_COMPLETED)
-
-    def _report_finished(self) -> None:
-        while self.next_report in self.finishing and self.finishing[self.next_report].done():
-            self.outcomes[self.next_report] = self.finishing.pop(self.next_report).result()
-            if self.on_result:
-                self.on_result(self.outcomes[self.next_report])
-            self.next_report += 1
 
 
 def _protect_batch(gen: Generator, waiting: list, batch_size: int, eps: float) -> None:

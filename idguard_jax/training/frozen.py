@@ -1,7 +1,8 @@
 """The frozen weights of a run: every target's and the identity network's (never trained).
 
     frozen = load_frozen(cfg, "weights/")            # converted bundles (convert/convert.py)
-    frozen = init_frozen_random(cfg, key)            # small random networks (demos and tests)
+    frozen = init_frozen_random(cfg, key)            # small random networks (tests)
+    frozen = init_frozen_demo(cfg, key)              # random targets, the real identity network
     state, metrics = step_fn(state, batch, frozen)   # an argument of the step, never a constant
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from idguard_jax.config import TrainConfig
 from idguard_jax.networks import identity as identity_lib
 from idguard_jax.networks import targets as targets_lib
 
-__all__ = ["Frozen", "init_frozen_random", "load_frozen", "resolve_identity"]
+__all__ = ["Frozen", "init_frozen_random", "init_frozen_demo", "load_frozen",
+           "resolve_identity"]
 
 
 @struct.dataclass
@@ -31,28 +33,47 @@ def _identity_random(cfg: TrainConfig, key: jax.Array):
     return identity_lib.init_random(cfg.identity, key, config=dict(cfg.identity_config))[1]
 
 
+def _random_targets(cfg: TrainConfig, keys: jax.Array) -> dict[str, Any]:
+    return {name: targets_lib.init_random(
+                name, k, image_size=cfg.image_size,
+                config=targets_lib.size_config(name, cfg.target_size))[1]
+            for name, k in zip(cfg.targets, keys)}
+
+
+def _identity_weights(cfg: TrainConfig, weights_dir: str | os.PathLike | None):
+    """cfg's identity network: converted in weights_dir, dlib's from its installed .dat, or the
+    random stand-in ('standin', drawn from cfg.seed + 1)."""
+    if cfg.identity == "standin":
+        return _identity_random(cfg, jax.random.key(cfg.seed + 1))
+    return identity_lib.load(cfg.identity, weights_dir,
+                             normalisation=cfg.identity_normalisation)[1]
+
+
 def init_frozen_random(cfg: TrainConfig, key: jax.Array) -> Frozen:
     """Random weights for every target of cfg (at cfg.target_size) and its identity network
-    (demos and tests only: they manipulate and recognise nothing meaningful)."""
+    (tests only: they manipulate and recognise nothing meaningful)."""
     keys = jax.random.split(key, len(cfg.targets) + 1)
-    targets = {name: targets_lib.init_random(
-                   name, k, image_size=cfg.image_size,
-                   config=targets_lib.size_config(name, cfg.target_size))[1]
-               for name, k in zip(cfg.targets, keys[:-1])}
-    return Frozen(targets=targets, identity=_identity_random(cfg, keys[-1]))
+    return Frozen(targets=_random_targets(cfg, keys[:-1]),
+                  identity=_identity_random(cfg, keys[-1]))
+
+
+def init_frozen_demo(cfg: TrainConfig, key: jax.Array,
+                     weights_dir: str | os.PathLike | None = None) -> Frozen:
+    """The demo's networks: RANDOM targets (the same as `init_frozen_random`'s for this key: no
+    target weights exist offline) and cfg's real identity network (`load_frozen`'s: dlib's
+    needs nothing but its installed .dat; the stand-in is `init_frozen_random`'s)."""
+    keys = jax.random.split(key, len(cfg.targets) + 1)
+    identity = (_identity_random(cfg, keys[-1]) if cfg.identity == "standin"
+                else _identity_weights(cfg, weights_dir))
+    return Frozen(targets=_random_targets(cfg, keys[:-1]), identity=identity)
 
 
 def load_frozen(cfg: TrainConfig, weights_dir: str | os.PathLike) -> Frozen:
     """The converted targets of cfg from weights_dir (convert/convert.py) and its identity
-    network: converted too, dlib's from its installed .dat, or the random stand-in ('standin',
-    drawn from cfg.seed + 1). Raises FileNotFoundError / ValueError naming the bundle."""
+    network (converted too, dlib's from its installed .dat, or the random stand-in).
+    Raises FileNotFoundError / ValueError naming the bundle."""
     targets = {name: targets_lib.load(name, weights_dir)[1] for name in cfg.targets}
-    if cfg.identity == "standin":
-        identity = _identity_random(cfg, jax.random.key(cfg.seed + 1))
-    else:
-        identity = identity_lib.load(cfg.identity, weights_dir,
-                                     normalisation=cfg.identity_normalisation)[1]
-    return Frozen(targets=targets, identity=identity)
+    return Frozen(targets=targets, identity=_identity_weights(cfg, weights_dir))
 
 
 def resolve_identity(cfg: TrainConfig, weights_dir: str | os.PathLike | None) -> TrainConfig:

@@ -31,7 +31,7 @@ from idguard_jax.pgd import linf_pgd
 from ports.layers import clamp
 
 __all__ = ["reconstruction_disruption", "pgd_perturbations", "pgd_prior", "save_prior",
-           "load_prior", "image_keys", "PRIOR_KIND"]
+           "load_prior", "prior_from_array", "image_keys", "PRIOR_KIND"]
 
 PRIOR_KIND = "idguard-prior"
 
@@ -171,6 +171,40 @@ def save_prior(path, delta_p, meta: dict | None = None, overwrite: bool = False)
         raise ValueError(f"save_prior: expected delta_p of shape (H, W, 3), got {d.shape}")
     full = {**(meta or {}), "kind": PRIOR_KIND, "image_size": [int(d.shape[0]), int(d.shape[1])]}
     return save_bundle(path, {"delta_p": d}, full, overwrite=overwrite)
+
+
+def _as_hwc(values: np.ndarray, source: str) -> np.ndarray:
+    """(1, 3, H, W), (3, H, W) or (H, W, 3) -> (H, W, 3); ValueError naming `source` else."""
+    d = values[0] if values.ndim == 4 and values.shape[0] == 1 else values
+    if d.ndim == 3 and d.shape[0] == 3 and d.shape[-1] != 3:
+        d = np.transpose(d, (1, 2, 0))
+    if d.ndim != 3 or d.shape[-1] != 3 or min(d.shape[:2]) < 2:
+        raise ValueError(f"{source}: expected an image-shaped perturbation (1, 3, H, W), "
+                         f"(3, H, W) or (H, W, 3), got shape {tuple(values.shape)}")
+    return d
+
+
+def prior_from_array(values, *, eps: float, image_size: int | None = None,
+                     source: str = "delta_p") -> tuple[jax.Array, int]:
+    """A prior perturbation from elsewhere (e.g. the reference's released `pri_pert.pt`, which
+    its `advGen.py` clamps to +-eps when loading it) as delta_p (S, S, 3) float32, |d| <= eps.
+
+    values: (1, 3, H, W), (3, H, W) or (H, W, 3) in [-1, 1] pixel units. image_size None keeps
+    H x W; another size is resized with a warning (`generator.fit_delta_p`), after the clamp.
+    Returns (delta_p, how many of the given values lay beyond +-eps and were clamped).
+    Raises ValueError naming `source` for another shape or any NaN / inf.
+    """
+    from idguard_jax.generator import fit_delta_p
+
+    d = _as_hwc(np.asarray(values, np.float32), source)
+    bad = int(np.sum(~np.isfinite(d)))
+    if bad:
+        raise ValueError(f"{source}: {bad} of its {d.size} values are NaN or infinite")
+    clamped = int(np.sum(np.abs(d) > eps))
+    d = np.clip(d, -eps, eps)
+    if image_size is not None:
+        d = fit_delta_p(d, image_size, source=source)
+    return jnp.asarray(d, jnp.float32), clamped
 
 
 def load_prior(path, image_size: int | None = None) -> jax.Array:

@@ -106,12 +106,16 @@ def create_setup(cfg: TrainConfig) -> Setup:
 
 
 def init_state(setup: Setup, key: jax.Array, delta_p: jax.Array | None = None) -> TrainState:
-    """A fresh state; delta_p defaults to zeros (pass the gradient prior from experiments/prior.py)."""
+    """A fresh state; delta_p defaults to zeros (pass the gradient prior from experiments/prior.py).
+
+    A given delta_p is clamped to +-cfg.eps, as the reference's `advGen.py` clamps the prior it
+    loads: values beyond it would otherwise sit where the step's clamp passes no gradient."""
     cfg = setup.cfg
     _, variables = init_generator(cfg.generator, key)
     if delta_p is None:
         delta_p = jnp.zeros((cfg.image_size, cfg.image_size, 3), jnp.float32)
-    trainable = {"params": variables["params"], "delta_p": jnp.asarray(delta_p, jnp.float32)}
+    delta_p = jnp.clip(jnp.asarray(delta_p, jnp.float32), -cfg.eps, cfg.eps)
+    trainable = {"params": variables["params"], "delta_p": delta_p}
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables["batch_stats"], delta_p=trainable["delta_p"],
                       opt_state=setup.optimizer.init(trainable),
