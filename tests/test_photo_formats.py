@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageCms, features
 
 from conftest import save_bounded_generator
+from test_photos import _run   # the protect command, with its printed output
 from experiments import protect as cli
 from idguard_jax.image_files import HEIF_READABLE
 from idguard_jax.protection import photos
@@ -74,12 +75,6 @@ def inputs(tmp_path_factory, face):
     (d / "more.TXT").write_text("hello")
     (d / "README").write_text("hello")
     return d
-
-
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _within_budget(a, b, name):
