@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageCms, features
 
 from conftest import save_bounded_generator
-from test_photos import _run   # the protect command, with its printed output
+from test_photos import _exif, _run   # EXIF bytes; the protect command and its output
 from experiments import protect as cli
 from idguard_jax.image_files import HEIF_READABLE
 from idguard_jax.protection import photos
@@ -33,15 +33,6 @@ def generator_dir(tmp_path_factory):
 def face(shared_photos_dir):
     """A shared photo with one face, small (200 x 270): the face is ~90 px wide."""
     return Image.open(f"{shared_photos_dir}/img1.jpg").convert("RGB").resize((200, 270))
-
-
-def _exif(orientation=None, description=None):
-    ex = Image.Exif()
-    if orientation:
-        ex[0x0112] = orientation
-    if description:
-        ex[0x010E] = description
-    return ex.tobytes()
 
 
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

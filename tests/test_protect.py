@@ -4,7 +4,7 @@ import pytest
 
 from conftest import save_bounded_generator
 from idguard_jax.protection import faces as protect
-from idguard_jax.generator import load_generator, perturb
+from idguard_jax.generator import load_generator, perturb, protect_eval
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,12 @@ def test_each_image_is_protected_independently_of_its_batch(generator):
 
 
 def test_any_batch_size_compiles_per_bucket_only(generator):
-    protect.protect_float.clear_cache()
+    protect_eval.clear_cache()
     for n in (1, 2, 3, 5, 6, 7, 8, 13, 40):
         out = protect.protect(generator, _faces(n), max_bucket=8)
         assert out.shape[0] == n
     # buckets 1, 2, 4, 8 (13 and 40 run as chunks of 8 plus a padded remainder)
-    assert protect.protect_float._cache_size() == 4
+    assert protect_eval._cache_size() == 4
 
 
 def test_rejects_wrong_image_size(generator):

@@ -17,11 +17,7 @@ import numpy as np
 from idguard_jax.generator import Generator, load_trained, protect_eval
 from idguard_jax.images import as_float_images, quantise_within
 
-__all__ = ["Generator", "load", "protect", "protect_float", "bucket_size"]
-
-# The generator's one eval-mode call (jitted; compiled once per batch shape, config and eps).
-protect_float = protect_eval
-
+__all__ = ["Generator", "load", "protect", "bucket_size"]
 
 def load(path: str | os.PathLike) -> Generator:
     """A trained generator bundle (exported by experiments/train.py or converted), on device."""
@@ -56,7 +52,7 @@ def protect(gen: Generator, images, *, eps: float | None = None, max_bucket: int
         chunk = x[i:i + max_bucket]
         b = bucket_size(len(chunk), max_bucket)
         padded = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
-        y = protect_float(gen.variables, gen.delta_p, padded, config=gen.config, eps=eps)
+        y = protect_eval(gen.variables, gen.delta_p, padded, config=gen.config, eps=eps)
         out[i:i + len(chunk)] = np.asarray(y)[:len(chunk)]
         i += len(chunk)
     if images.dtype == np.uint8:
