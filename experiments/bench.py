@@ -14,6 +14,12 @@
     # ... and the savings of each optimisation there (slow: eight step compilations):
     JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache python experiments/bench.py --size paper \
         --dtypes bfloat16 --strategies kpi --ablations --skip train,protect,target,memory
+    # Against the PyTorch reference (needs torch and the checkout's tests/torch_reference):
+    # its eager step and protection on the same random weights, in this process; CPU, 64 px,
+    # batch 4, five official-width targets + ArcFace, with the per-component table:
+    python experiments/bench.py --size paper --identity arcface --image-size 64 \
+        --batch-size 4 --against torch --components --dtypes float32,bfloat16 \
+        --protect-batches 4 --json anchor_64.json
 
 Every timing is the median (and the minimum, step_s_min) over --repeats calls after --warmup
 calls, each call synchronised with jax.block_until_ready. Per measurement (JSON records, key
@@ -35,13 +41,27 @@ calls, each call synchronised with jax.block_until_ready. Per measurement (JSON 
               (JAX's default preallocation is 75%: XLA_PYTHON_CLIENT_MEM_FRACTION) less a
               --margin safety margin. On CPU the figures are XLA:CPU's buffer assignment; run
               on the GPU for the GPU's.
+  anchor_step     with --against torch, per strategy: our jitted step (the library's
+              make_train_step) and the reference's eager PyTorch step (tests/torch_reference/
+              solver.py: each target run twice per branch, the identity network on the clean
+              output per branch, Grad-CAM++ every step, MGDA by one autograd.grad per target;
+              float32 on the CPU, fp16 autocast on CUDA) on the same weights and batch, one call
+              of each per round: ours_step_s, torch_step_s, speedup = torch / ours (median; and
+              of the minima), first_step_rel_err (both sides' first losses and weights)
+  anchor_protect  with --against torch, per --protect-batches: ours per --dtypes
+              (anchor.OUR_PROTECTION) and the torch generator's eval forward (float32 and, with
+              bfloat16, its autocast and cast variants), s_per_image, torch_float32_over_this,
+              best_torch_same_dtype_over_this, max_abs_diff_vs_torch_float32
+  components  with --against torch --components: each piece of our step jitted alone at the
+              step's shapes and the reference step's sections (perf_counter), side by side
   ablation    with --ablations: the step with each waste of the reference put back
               (experiments/ablations.py; same losses and gradients), its step_s and the ratio to
               ours (median and minimum), timed in the same process round-robin (one call of
               each variant per round) so that a shared machine's load falls on all alike.
 
 Targets, the generator and the identity network carry RANDOM weights (speed does not depend on
-the values; 'auto' identity becomes an ArcFace-sized random network). Nothing is asserted.
+the values; 'auto' identity becomes an ArcFace-sized random network). Nothing is asserted. Only
+--against torch imports torch (experiments/anchor.py).
 """
 from __future__ import annotations
 
@@ -104,7 +124,7 @@ def prepare(jitted, args: tuple, carry_first: bool = False) -> tuple[dict, objec
     """Lower and compile `jitted(*args)`: (compile record, a synchronised call).
 
     carry_first: the call returns (new first argument, rest) and donates its first argument
-    (the train step): each call feeds the next.
+    (the train step): each call feeds the next. The call returns the outputs.
     """
     import jax
 
@@ -119,7 +139,7 @@ def prepare(jitted, args: tuple, carry_first: bool = False) -> tuple[dict, objec
         out = compiled(*holder)
         if carry_first:
             holder[0] = out[0]
-        jax.block_until_ready(out)
+        return jax.block_until_ready(out)
 
     return {"lower_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3),
             "flops_per_step": _flops(lowered), "compiled_flops_per_step": _compiled_flops(compiled),
@@ -382,7 +402,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="also time each reference waste put back (experiments/ablations.py), "
                    "and all of them at once; or only the comma-separated WASTES")
     p.add_argument("--ablation-vggface", choices=("official", "tiny"), default=None,
-                   help="VGGFace of the gradcam ablation (default: tiny at --size tiny)")
+                   help="VGGFace of the gradcam ablation and of the torch anchor's Grad-CAM++ "
+                   "(default: tiny at --size tiny)")
+    p.add_argument("--against", choices=("torch",), default=None,
+                   help="instead of the sections above: our step (each of --strategies, "
+                   "float32) and protection (each of --dtypes, at --protect-batches, default the "
+                   "train batch) against the PyTorch reference's (tests/torch_reference) on "
+                   "the same random weights, in this process, round-robin; prints reference "
+                   "time / our time (experiments/anchor.py)")
+    p.add_argument("--components", action="store_true",
+                   help="with --against torch: also each piece of our step jitted alone and "
+                   "the reference step's sections, side by side")
     p.add_argument("--loader", default=None, metavar="CACHE",
                    help="also time the data loader on this cache (experiments/prepare.py)")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -486,6 +516,66 @@ def _print_memory_summary(results: list[dict]) -> None:
                   file=sys.stderr)
 
 
+def _torch_anchor_sections(args, base, skip: set, emit) -> None:
+    """--against torch: the step per strategy (float32; with --components the per-component
+    table) and protection per dtype, ours against the PyTorch reference's (anchor.py)."""
+    from experiments import anchor   # imports torch: only under --against torch
+
+    vgg = args.ablation_vggface or ("tiny" if args.size == "tiny" else "official")
+    if "train" not in skip:
+        for strategy in args.strategies.split(","):
+            cfg = dataclasses.replace(base, strategy=strategy, dtype="float32")
+            pair = anchor.build(cfg, vggface=vgg)
+            record, sections = anchor.bench_step(pair, args.repeats, args.warmup)
+            emit(record)
+            if args.components:
+                theirs = anchor.torch_components(sections)
+                ours = anchor.our_components(pair, args.repeats, args.warmup)
+                emit({"bench": "components", "strategy": strategy,
+                      "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+                      "targets": list(cfg.targets), "ours": ours, "torch": theirs,
+                      "table": anchor.component_table(
+                          ours, theirs, cfg.targets, strategy, record["ours_step_s"],
+                          record["torch_step_s"])})
+            del pair
+    if "protect" not in skip:
+        batches = (_ints(args.protect_batches) if args.protect_batches is not None
+                   else [base.batch_size])
+        for pb in batches:
+            for r in anchor.bench_protect(base, pb, args.dtypes.split(","), args.repeats,
+                                          args.warmup):
+                emit(r)
+
+
+def _print_anchor_summary(results: list[dict]) -> None:
+    """The anchor's figures as a table: reference time, ours, reference time / ours."""
+    lines = ["| work | PyTorch reference | ours | ratio (reference time / ours) |",
+             "|---|---|---|---|"]
+    for r in results:
+        if r["bench"] == "anchor_step":
+            lines.append(f"| train step, {r['image_size']} px, batch {r['batch_size']}, "
+                         f"{len(r['targets'])} targets + {r['identity']}, {r['strategy']} | "
+                         f"{r['torch_step_s']:.3f} s | {r['ours_step_s']:.3f} s | "
+                         f"{r['speedup']:.2f}x |")
+    protect = [r for r in results if r["bench"] == "anchor_protect"]
+    for r in protect:
+        if r["side"] != "ours":
+            continue
+        for t in protect:
+            if t["side"] == "torch" and t["batch_size"] == r["batch_size"] and (
+                    t["variant"] == "float32" or t["dtype"] == r["dtype"]):
+                lines.append(f"| protection, ngf {r['ngf']}, {r['image_size']} px, batch "
+                             f"{r['batch_size']}: ours {r['dtype']} vs torch {t['variant']} | "
+                             f"{t['s_per_image']:.4f} s/img | {r['s_per_image']:.4f} s/img | "
+                             f"{t['s_per_image'] / r['s_per_image']:.2f}x |")
+    for r in results:
+        if r["bench"] == "components":
+            lines.append("")
+            lines.append(r["table"])
+    if len(lines) > 2:
+        print("\n".join(lines), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
@@ -500,10 +590,16 @@ def main(argv=None) -> int:
         results.append(r)
         print(json.dumps(r), flush=True)
 
+    if args.components and args.against != "torch":
+        p.error("--components needs --against torch")
     emit(_device_record(args.size))
-    _per_dtype_sections(args, base, skip, emit)
-    _once_sections(args, base, skip, emit)
-    _print_memory_summary(results)
+    if args.against == "torch":
+        _torch_anchor_sections(args, base, skip, emit)
+        _print_anchor_summary(results)
+    else:
+        _per_dtype_sections(args, base, skip, emit)
+        _once_sections(args, base, skip, emit)
+        _print_memory_summary(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

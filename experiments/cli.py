@@ -20,6 +20,8 @@ COMMANDS = {
     "heatmaps": ("experiments.heatmaps", "Grad-CAM++ heatmaps for the mask loss"),
     "prior": ("experiments.prior", "the gradient prior perturbation"),
     "bench": ("experiments.bench", "time the train step and protection"),
+    "check-dtype": ("experiments.check_dtype", "protect --dtype bfloat16 against float32, in "
+                                               "grey levels"),
 }
 
 

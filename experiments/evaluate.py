@@ -7,8 +7,8 @@
 
 Methods: idguard (each --generator), disrupting (PGD on StarGAN), cmua (universal perturbation
 fitted on the first --cmua-images of --fit-data), pg (a perturbation generator against a
-surrogate autoencoder), pgd (per-image PGD on every target). IAP has no public code and is not
-included. Every method works within one budget, --eps (paper IV-A5: 0.05 for all): the
+surrogate autoencoder), pgd (per-image PGD on every target), noise (uniform random noise: the
+floor). IAP has no public code and is not included. Every method works within one budget, --eps (paper IV-A5: 0.05 for all): the
 baselines attack within it and every protected image is saved as uint8 within it (a generator
 trained at another eps is noted, and its images are clipped to --eps).
 Without --weights the targets are RANDOM stand-ins of the --config size: the numbers then show
@@ -32,7 +32,7 @@ import os
 import sys
 import time
 
-from idguard_jax.networks.targets import TARGETS
+from idguard_jax.networks.targets import PAPER_TARGETS, TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
 # Options that must be >= 1 (None: not given, a default applies).
@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    "label defaults to the bundle's strategy")
     p.add_argument("--method", action="append", default=[], choices=METHODS,
                    help="what protects the images (repeatable; default idguard)")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS),
-                   help=f"comma-separated targets (default {','.join(ALL_TARGETS)})")
+    p.add_argument("--targets", default=",".join(PAPER_TARGETS),
+                   help=f"comma-separated targets (default the paper's {','.join(PAPER_TARGETS)}; "
+                   f"any of {','.join(ALL_TARGETS)})")
     p.add_argument("--weights", default=None, help="folder of converted targets (and ArcFace); "
                    "without it the targets are RANDOM stand-ins")
     p.add_argument("--dataset", action="append", default=[], required=True,

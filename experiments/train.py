@@ -1,6 +1,8 @@
 """Train ID-Guard's perturbation generator.
 
     python experiments/train.py --config=demo                 # a few CPU minutes, random targets
+    python experiments/train.py --config=offline              # minutes, the face model trained
+                                                              # by experiments/offline.py target
     python experiments/train.py --strategy=kpi --weights weights/ --data FACES_DIR --prior PRIOR
     python experiments/train.py --config=reference --weights weights/ --data REF_CACHE  # the code's
     # several hosts: the same command in each, with a shared --workdir
@@ -11,7 +13,9 @@ The paper's configuration (the default) needs converted target weights (convert/
 face images; it says exactly what is missing. `--config=demo` runs on any machine with small
 RANDOMLY initialised targets and the real parts that exist offline (dlib's identity network,
 masks from dlib's 68 landmarks, cached in WORKDIR): it shows the machinery working, not the
-paper's numbers.
+paper's numbers. `--config=offline` is the demo with no random network: its target is a face
+model trained here (experiments/offline.py target), its data the training identities of that
+command's split (defaults: --data runs/offline/faces/train, --weights runs/offline/targets).
 Output: one JSON line of metrics per step (stdout and WORKDIR/metrics.jsonl), checkpoints in
 WORKDIR/checkpoints (continue with --resume), the trained generator in WORKDIR/generator.
 """
@@ -24,6 +28,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
+# where experiments/offline.py target puts its split and its trained target(s)
+OFFLINE_FACES = os.path.join("runs", "offline", "faces", "train")
+OFFLINE_WEIGHTS = os.path.join("runs", "offline", "targets")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,10 +38,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=("paper", "reference", "demo"), default="paper",
+    p.add_argument("--config", choices=("paper", "reference", "demo", "offline"),
+                   default="paper",
                    help="paper: 256 px, batch 32, the official targets; reference: the released "
                    "code's recipe (batch 3, one epoch, MGDA, its soft JPEG masks: a cache from "
-                   "prepare.py celebamask-hq --masks reference); demo: 64 px CPU demo")
+                   "prepare.py celebamask-hq --masks reference); demo: 64 px CPU demo; offline: "
+                   "the demo against a face model trained here (experiments/offline.py target)")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="task weighting (default: the config's; paper kpi = S-II, reference mgda)")
     p.add_argument("--data", default=None, help="a cache from experiments/prepare.py, or a "
@@ -75,7 +84,7 @@ def _config(args):
     from idguard_jax.training import frozen as frozen_lib
 
     cfg = {"paper": config_lib.paper, "reference": config_lib.reference,
-           "demo": config_lib.demo}[args.config]()
+           "demo": config_lib.demo, "offline": config_lib.offline}[args.config]()
     if args.strategy:
         cfg = dataclasses.replace(cfg, strategy=args.strategy)
     if args.steps is not None:
@@ -134,6 +143,35 @@ def _frozen(cfg, args):
     return frozen_lib.load_frozen(cfg, args.weights)
 
 
+def _missing_learned(cfg, weights: str) -> list[str]:
+    """--config=offline: the trained targets it needs and their architecture, one line per
+    problem (a bundle of another architecture than the step builds is refused here, by name)."""
+    from idguard_jax.checkpoint import read_meta
+    from idguard_jax.networks import targets
+
+    problems = []
+    for name in cfg.targets:
+        spec, path = targets.TARGETS[name], os.path.join(weights, name)
+        make = spec.make_command or f"python convert/convert.py {name} CHECKPOINT {weights}"
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            problems.append(f"--weights {weights}: no {name!r}; run: {make}")
+            continue
+        built = {**spec.default_config, **targets.size_config(name, cfg.target_size)}
+        stored = {**spec.default_config, **read_meta(path).get("config", {})}
+        if stored != built:
+            problems.append(f"--weights {path}: trained with {stored}, but target_size="
+                            f"{cfg.target_size!r} builds {built}; retrain it or --set "
+                            "target_size=...")
+    return problems
+
+
+def _offline_banner(cfg) -> str:
+    return (f"OFFLINE: the targets ({', '.join(cfg.targets)}) are face models TRAINED HERE on the "
+            f"training identities (experiments/offline.py target); the identity loss uses "
+            f"{cfg.identity}'s real network; the masks come from dlib's 68 landmarks; the "
+            "attribute labels and heatmaps are stand-ins. Not the paper's GANs.")
+
+
 def _demo_banner(cfg) -> str:
     """What of the demo is random, what is a stand-in and what is real."""
     random_parts = ["targets"] + (["identity network"] if cfg.identity == "standin" else [])
@@ -167,13 +205,17 @@ def main(argv=None) -> int:
         cfg = _config(args)
     except ValueError as e:
         return _fail(str(e))
-    data_dir = args.data or (DEMO_FACES if args.config == "demo" else None)
+    data_dir = args.data or {"demo": DEMO_FACES, "offline": OFFLINE_FACES}.get(args.config)
+    if args.config == "offline":
+        args.weights = args.weights or OFFLINE_WEIGHTS
     problems = missing_inputs(cfg, data=data_dir, weights=args.weights, prior=args.prior,
-                              converted=args.config != "demo")
+                              converted=args.config not in ("demo", "offline"))
+    if args.config == "offline":
+        problems += _missing_learned(cfg, args.weights)
     if problems:
         return _report_missing(problems)
-    if args.config == "demo":
-        print(_demo_banner(cfg), file=sys.stderr)
+    if args.config in ("demo", "offline"):
+        print((_demo_banner if args.config == "demo" else _offline_banner)(cfg), file=sys.stderr)
     workdir = args.workdir or os.path.join("runs", f"{args.config}-{cfg.strategy}")
     try:
         faces = _open_faces(cfg, data_dir, workdir)

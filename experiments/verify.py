@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from idguard_jax.networks.targets import TARGETS
+from idguard_jax.networks.targets import PAPER_TARGETS, TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
 
@@ -55,10 +55,10 @@ def _available(weights: str) -> list[str]:
 
 
 def _target_names(args) -> list[str]:
-    """--targets, else every target converted in --weights, else (random) every target."""
+    """--targets, else every target converted in --weights, else (random) the paper's five."""
     if args.targets:
         return args.targets.split(",")
-    return _available(args.weights) if args.weights else list(ALL_TARGETS)
+    return _available(args.weights) if args.weights else list(PAPER_TARGETS)
 
 
 def _check_args(args) -> str | None:

@@ -3,7 +3,8 @@
 `paper()` is the paper's setting (IV-A5: 256 px, eps 0.05, batch 32, Adam 1e-4, betas 0.5/0.999,
 the five targets); `reference()` the released code's recipe (its `solver.py` and `config.py`:
 batch 3, one epoch, MGDA, the soft JPEG masks). `demo()` is a few-minute CPU run with small
-randomly initialised targets: it shows the machinery working, not the paper's numbers. Change a
+randomly initialised targets: it shows the machinery working, not the paper's numbers;
+`offline()` is the demo with face models trained here (`networks.learned`) as its targets. Change a
 field with dataclasses.replace or `--set field=value` on experiments/train.py.
 """
 from __future__ import annotations
@@ -12,14 +13,16 @@ import dataclasses
 import json
 from typing import Any
 
+from idguard_jax.channels import parse_spec
 from idguard_jax.data.celebamask import MASK_PIPELINES
 from idguard_jax.data.datasets import FOLDER_MASKS
 from idguard_jax.generator import GeneratorConfig
+from idguard_jax.networks.learned import LEARNED_TARGETS
 from idguard_jax.networks.targets import PRIOR_WEIGHTS
 from idguard_jax.training.losses import LossConfig
 from idguard_jax.training.strategies import STRATEGIES
 
-__all__ = ["TrainConfig", "paper", "reference", "demo", "tiny", "apply_overrides"]
+__all__ = ["TrainConfig", "paper", "reference", "demo", "offline", "tiny", "apply_overrides"]
 
 DTYPES = ("float32", "bfloat16")
 TARGET_SIZES = ("official", "demo", "tiny")
@@ -58,6 +61,10 @@ class TrainConfig:
     prior_weights: str = "reference"  # 'reference' 1/10/1/10/100, 'paper' 1/1/1/10/100, 'none' 1s
     mgda_solver: str = "reference"    # 'reference' (its projected-gradient algorithm) or 'exact'
     mgda_gradients: str = "params"    # 'params' (the reference) or 'perturbation' (MGDA-UB)
+    # expectation over lossy channels (channels.parse_spec), e.g.
+    # 'jpeg:70-95,resize:0.5-1,blur:0-1': per step and image one channel (drawn from the seed and
+    # the step) between G and the targets; '' (the reference) trains on the clean channel
+    robust: str = ""
     # optimiser (Adam on G's parameters and delta_p together)
     learning_rate: float = 1e-4
     b1: float = 0.5
@@ -85,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"mgda_solver={self.mgda_solver!r}: 'reference' or 'exact'")
         if self.mgda_gradients not in ("params", "perturbation"):
             raise ValueError(f"mgda_gradients={self.mgda_gradients!r}: 'params' or 'perturbation'")
+        if self.robust:
+            parse_spec(self.robust)       # ValueError naming robust= and the part at fault
         if self.target_size not in TARGET_SIZES:
             raise ValueError(f"target_size={self.target_size!r}: choose one of {', '.join(TARGET_SIZES)}")
         if self.dtype not in DTYPES:
@@ -128,6 +137,17 @@ def demo(**overrides) -> TrainConfig:
                 target_size="demo", identity="dlib", folder_masks="landmarks",
                 checkpoint_every=20, log_every=1)
     return TrainConfig(**{**base, **overrides})
+
+
+def offline(**overrides) -> TrainConfig:
+    """demo() with no random network in the loop: its targets are the face models trained here on
+    the shared faces' training identities (`networks.learned.LEARNED_TARGETS`, made by
+    `experiments/offline.py target`), with dlib's identity loss and landmark masks. 300 steps
+    at Adam lr 1e-3 (10x the paper's: minutes, not epochs; ~1.4 s a step on 2 cores). A learned
+    face model, not the paper's GANs."""
+    base = dict(targets=LEARNED_TARGETS, target_size="official", num_steps=300,
+                learning_rate=1e-3, checkpoint_every=100)
+    return demo(**{**base, **overrides})
 
 
 def tiny(**overrides) -> TrainConfig:

@@ -19,6 +19,7 @@
   trained imitation of the target are not reproduced (no code used).
 - `pgd_all`: per-image PGD against every target and condition at once (the sum of their MSEs,
   equal weights), an upper reference for what a per-image attack with the same budget does.
+- `uniform_noise`: uniform random noise within the same eps, the floor a protection must beat.
 - IAP (Zhu et al.) has no public code and is left out.
 
 Every attack is jitted (targets and step counts static, weights as arguments), takes images in
@@ -36,16 +37,16 @@ import optax
 
 from idguard_jax.generator import GeneratorConfig, init_generator, perturb, protect_eval
 from idguard_jax.networks import targets as targets_lib
-from idguard_jax.pgd import EPS, STEP_SIZE, STEPS, linf_pgd
+from idguard_jax.pgd import EPS, STEP_SIZE, STEPS, linf_pgd, random_start
 from ports.layers import clamp
 
 __all__ = ["EPS", "STEPS", "STEP_SIZE", "CMUA_MOMENTUM", "CMUA_BATCH", "HISD_TARGET_OFFSET",
            "linf_pgd", "attack_loss", "disrupting", "pgd_all", "cmua_fit", "cmua_apply",
-           "cmua_call", "pg_train", "pg_protect", "METHODS"]
+           "cmua_call", "pg_train", "pg_protect", "uniform_noise", "METHODS"]
 
 CMUA_MOMENTUM, CMUA_BATCH = 0.5, 64
 HISD_TARGET_OFFSET = 0.002       # CMUA's HiSD target: the clean translation + 0.002
-METHODS = ("idguard", "disrupting", "cmua", "pg", "pgd")
+METHODS = ("idguard", "disrupting", "cmua", "pg", "pgd", "noise")
 
 
 def _per_image_mse(a, b):
@@ -101,6 +102,13 @@ def disrupting(target: targets_lib.Target, variables: dict, x: jax.Array, labels
 
     keys = jax.random.split(key, target.num_conditions)
     return jax.vmap(one)(table, y, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("eps",))
+def uniform_noise(x: jax.Array, key: jax.Array, *, eps: float = EPS) -> jax.Array:
+    """clamp(x + U(-eps, eps), -1, 1), (B, S, S, 3): PGD's random start (`pgd.random_start`)
+    without its steps."""
+    return clamp(random_start(key, x.astype(jnp.float32), eps), -1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ Log = Callable[[str], None]
 # Salts folded into the seed's key, one per random use, so that no two uses share a key: the
 # per-batch attack starts (then folded with the dataset's and the batch's index), CMUA's fit
 # and PG's initialisation.
-KEY_SALTS = {"disrupting": 1, "pgd": 2, "cmua": 3, "pg": 4}
+KEY_SALTS = {"disrupting": 1, "pgd": 2, "cmua": 3, "pg": 4, "noise": 5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +122,11 @@ def _pgd(models: Models, opts: BaselineOptions) -> Baseline:
         f"({opts.pgd_steps} PGD steps)")
 
 
+def _noise(opts: BaselineOptions) -> Baseline:
+    return Baseline(lambda x, labels, key: baselines.uniform_noise(x, key, eps=opts.eps),
+                    f"noise: uniform random noise in [-{opts.eps:g}, {opts.eps:g}] per pixel")
+
+
 def _cmua(models: Models, opts: BaselineOptions, key: jax.Array, fit: FitData,
           log: Log) -> Baseline:
     """CMUA's universal perturbation, fitted on the first --cmua-images fit images."""
@@ -183,14 +188,16 @@ def make_protector(name: str, models: Models, options: BaselineOptions, *,
                    key: jax.Array | None = None, fit: FitData | None = None,
                    image_size: int | None = None, pg_size: PGSize | None = None,
                    log: Log | None = None) -> Baseline:
-    """The baseline `name` (disrupting, pgd, cmua, pg) against `models`, fitted first where it
-    learns: cmua needs `key` and `fit`; pg `key`, `fit`, `image_size` and `pg_size`. `log`
+    """The baseline `name` (disrupting, pgd, cmua, pg, noise) against `models`, fitted first
+    where it learns: cmua needs `key` and `fit`; pg `key`, `fit`, `image_size` and `pg_size`. `log`
     receives one line per fit (its time)."""
     log = log or (lambda line: None)
     if name == "disrupting":
         return _disrupting(models, options)
     if name == "pgd":
         return _pgd(models, options)
+    if name == "noise":
+        return _noise(options)
     if name in ("cmua", "pg") and (key is None or fit is None):
         raise ValueError(f"{name} learns: give it a key and the images to fit on")
     if name == "cmua":

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["jpeg", "resize_round_trip", "gaussian_blur", "parse", "parse_all", "apply",
-           "DEFAULT_OPS"]
+__all__ = ["jpeg", "resize_round_trip", "gaussian_blur", "gaussian_blur_levels", "parse",
+           "parse_all", "apply", "DEFAULT_OPS"]
 
 DEFAULT_OPS = ("jpeg:95", "jpeg:75", "jpeg:50", "resize:0.5", "resize:0.75", "blur:0.5",
                "blur:1.0", "resize:0.75+jpeg:75", "jpeg:90+jpeg:75+jpeg:50")
@@ -68,6 +68,12 @@ def _gaussian_taps(sigma: float) -> np.ndarray:
 
 def gaussian_blur(images, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of uint8 (B, H, W, 3), std `sigma` px, reflected edges, rounded."""
+    return np.clip(np.rint(gaussian_blur_levels(images, sigma)), 0, 255).astype(np.uint8)
+
+
+def gaussian_blur_levels(images, sigma: float) -> np.ndarray:
+    """`gaussian_blur` before its rounding: float64 (B, H, W, 3) in grey levels (the reference
+    of the differentiable `idguard_jax.channels.gaussian_blur`)."""
     if sigma <= 0:
         raise ValueError(f"blur sigma {sigma}: must be > 0")
     a = _check(images).astype(np.float64)
@@ -77,8 +83,7 @@ def gaussian_blur(images, sigma: float) -> np.ndarray:
     p = np.pad(a, ((0, 0), (r, r), (0, 0), (0, 0)), mode="reflect" if h > r else "edge")
     a = sum(w[i] * p[:, i:i + h] for i in range(len(w)))
     p = np.pad(a, ((0, 0), (0, 0), (r, r), (0, 0)), mode="reflect" if wd > r else "edge")
-    a = sum(w[i] * p[:, :, i:i + wd] for i in range(len(w)))
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return sum(w[i] * p[:, :, i:i + wd] for i in range(len(w)))
 
 
 _OPS = {"jpeg": (jpeg, int), "resize": (resize_round_trip, float), "blur": (gaussian_blur, float)}

@@ -167,7 +167,7 @@ def _protectors(setup: _Setup, keys: dict, log: Log) -> dict:
         config.pg_ngf, config.pg_blocks,
         generator=setup.generators[0][1] if setup.generators else None,
         converted=config.weights is not None, config_name=config.config)
-    for name in ("disrupting", "pgd", "cmua", "pg"):
+    for name in ("noise", "disrupting", "pgd", "cmua", "pg"):
         if name in config.methods:
             built = protectors_lib.make_protector(name, setup.models, opts, key=keys[name],
                                                   fit=fit, image_size=setup.size,

@@ -9,6 +9,9 @@ Its weights are a separate pytree that enters the jitted train step as an ARGUME
 
 Images at this interface are NHWC float32 in [-1, 1]. `forward` gives, from ONE pass, both the
 manipulated image and the mid features ID-Guard's feature loss uses.
+
+Registered: the paper's five GANs (PAPER_TARGETS, converted from their official checkpoints) and
+the face models trained here (`networks.learned.LEARNED_TARGETS`, made by experiments/offline.py).
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from idguard_jax.networks import hisd
+from idguard_jax.networks import hisd, learned
 from idguard_jax.networks.random_init import random_variables
 from ports.relgan import RelGANGenerator
 from ports.stargan import StarGANFamilyGenerator
 
-__all__ = ["Target", "TargetSpec", "TARGETS", "build", "load", "init_random", "abstract_variables",
+__all__ = ["Target", "TargetSpec", "TARGETS", "PAPER_TARGETS", "build", "load", "init_random",
+           "abstract_variables",
            "stargan_conditions",
            "STARGAN_ATTRIBUTES", "PRIOR_WEIGHTS", "RELGAN_VECTORS", "RelativeVectors", "SIZES",
            "size_config"]
@@ -43,6 +47,8 @@ PRIOR_WEIGHTS = {
     # no prior: KPI weighs by the focal weight of K alone (the paper's KPI-without-alpha ablation)
     "none": {"stargan": 1.0, "aggan": 1.0, "fpgan": 1.0, "relgan": 1.0, "hisd": 1.0},
 }
+for _table in PRIOR_WEIGHTS.values():   # the targets learned here: neither source gives one
+    _table.update({name: 1.0 for name in learned.LEARNED_TARGETS})
 
 
 def stargan_conditions(labels: jax.Array) -> jax.Array:
@@ -134,6 +140,8 @@ class TargetSpec:
     # load's `references`) -> extra variable collections, added by load().
     load_data: Callable[[dict, str, Any], dict] | None = None
     data_collections: tuple[str, ...] = ()   # the variable collections load_data gives
+    # How its bundle is made, for load's errors (None: convert/convert.py, the GANs' way).
+    make_command: str | None = None
 
 
 def _stargan_spec(variant: str) -> TargetSpec:
@@ -168,7 +176,18 @@ TARGETS: dict[str, TargetSpec] = {
         load_data=hisd.load_references,
         data_collections=("references",),
     ),
+    # trained here (experiments/offline.py): a face-reconstruction autoencoder
+    "face_ae": TargetSpec(
+        build_module=learned.FaceAutoencoder,
+        default_config=dict(learned.AUTOENCODER_CONFIG),
+        num_conditions=1,
+        make_conditions=learned.NoCondition(),
+        example_condition=learned.no_condition_example,
+        make_command=learned.TRAIN_COMMAND,
+    ),
 }
+# The paper's five GANs, in its table order (the default of the commands that list targets).
+PAPER_TARGETS = ("stargan", "aggan", "fpgan", "relgan", "hisd")
 
 
 # Narrow variants of each architecture for demos ('demo', 64 px) and tests ('tiny', 32 px): only
@@ -187,6 +206,7 @@ SIZES: dict[str, dict[str, dict]] = {
                  "translator_channels": [8, 8], "mapper_pre_channels": [8],
                  "mapper_post_channels": [8, 8]},
     },
+    "face_ae": learned.AUTOENCODER_SIZES,
 }
 
 
@@ -240,8 +260,9 @@ def abstract_variables(name: str, *, image_size: int = 256, config: dict | None 
 
 def load(name: str, weights_dir: str | os.PathLike, *, dtype: Any = None,
          references: Any = None) -> tuple[Target, dict]:
-    """A converted target: reads the bundle `weights_dir/name` written by convert/convert.py,
-    refusing one of another network or with other shapes than its stored config gives.
+    """A converted or learned target: reads the bundle `weights_dir/name` written by
+    convert/convert.py (or, for a learned one, experiments/offline.py), refusing one of another
+    network or with other shapes than its stored config gives.
 
     references (HiSD only): its reference images, a folder, a list of files or an array
     (idguard_jax.networks.hisd.load_references); default the folder `weights_dir/hisd/references`.
@@ -249,11 +270,14 @@ def load(name: str, weights_dir: str | os.PathLike, *, dtype: Any = None,
     from idguard_jax.checkpoint import load_bundle
 
     path = os.path.join(os.fspath(weights_dir), name)
-    hint = (f"convert the official checkpoint with: python convert/convert.py {name} CHECKPOINT "
+    spec = _spec(name)
+    hint = (f"train it with: {spec.make_command} (its bundle goes to WORKDIR/targets)"
+            if spec.make_command else
+            f"convert the official checkpoint with: python convert/convert.py {name} CHECKPOINT "
             f"{os.fspath(weights_dir)}")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no converted weights for target {name!r}; {hint}")
-    spec = _spec(name)
+        raise FileNotFoundError(f"{path}: no {'trained' if spec.make_command else 'converted'} "
+                                f"weights for target {name!r}; {hint}")
     if references is not None and spec.load_data is None:
         raise ValueError(f"target {name!r} takes no reference images")
     tree, meta = load_bundle(path, kind="target", what=f"target {name!r}", hint=hint,

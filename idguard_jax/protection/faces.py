@@ -2,6 +2,7 @@
 
     gen = protect.load("runs/demo/generator")     # or a converted official AdvG.pth
     protected = protect.protect(gen, images)      # (B,S,S,3) uint8 -> uint8, float -> float
+    fast = protect.load("runs/demo/generator", dtype="bfloat16")   # BatchNorm folded (fast.py)
 
 Any batch size runs without recompiling per size: batches are padded up to a power of two
 (at most `max_bucket`) and larger ones are processed in chunks, so at most log2(max_bucket) + 1
@@ -16,12 +17,18 @@ import numpy as np
 
 from idguard_jax.generator import Generator, load_trained, protect_eval
 from idguard_jax.images import as_float_images, quantise_within
+from idguard_jax.protection.fast import FastGenerator, prepare
 
-__all__ = ["Generator", "load", "protect", "bucket_size"]
+__all__ = ["Generator", "FastGenerator", "load", "protect", "bucket_size"]
 
-def load(path: str | os.PathLike) -> Generator:
-    """A trained generator bundle (exported by experiments/train.py or converted), on device."""
-    return load_trained(path)
+
+def load(path: str | os.PathLike, dtype: str | None = None) -> Generator | FastGenerator:
+    """A trained generator bundle (exported by experiments/train.py or converted), on device.
+
+    dtype None: the generator as trained (`generator.protect_eval`); 'float32' or 'bfloat16':
+    its BatchNorm folded into the convolutions, computed in that dtype (`fast.prepare`)."""
+    gen = load_trained(path)
+    return gen if dtype is None else prepare(gen, dtype)
 
 
 def bucket_size(n: int, max_bucket: int) -> int:
@@ -32,7 +39,8 @@ def bucket_size(n: int, max_bucket: int) -> int:
     return b
 
 
-def protect(gen: Generator, images, *, eps: float | None = None, max_bucket: int = 32):
+def protect(gen: Generator | FastGenerator, images, *, eps: float | None = None,
+            max_bucket: int = 32):
     """Protect aligned faces (B,S,S,3), S = the generator's image size.
 
     uint8 input gives uint8 output (rounded, and within `images.eps_grey_levels(eps)` grey
@@ -52,7 +60,10 @@ def protect(gen: Generator, images, *, eps: float | None = None, max_bucket: int
         chunk = x[i:i + max_bucket]
         b = bucket_size(len(chunk), max_bucket)
         padded = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
-        y = protect_eval(gen.variables, gen.delta_p, padded, config=gen.config, eps=eps)
+        if isinstance(gen, FastGenerator):
+            y = gen(padded, eps)
+        else:
+            y = protect_eval(gen.variables, gen.delta_p, padded, config=gen.config, eps=eps)
         out[i:i + len(chunk)] = np.asarray(y)[:len(chunk)]
         i += len(chunk)
     if images.dtype == np.uint8:

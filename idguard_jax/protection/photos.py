@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import threading
+import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ from idguard_jax.generator import Generator
 from idguard_jax.images import clip_to_budget, to_float
 from idguard_jax.protection import faces as protect
 from idguard_jax.protection.pipeline import Pipeline
+from idguard_jax.protection.profile import NullTimer, TimedAnalyzer
 from idguard_jax.protection.photo_io import (Photo, decode_frames, encode_photo, orient,
                                              output_format, read_photo, unorient,
                                              writes_upright)
@@ -138,20 +140,21 @@ class _Analysed:
     error: str | None = None
 
 
-def _visible_cost(original: np.ndarray, written: np.ndarray, intended: np.ndarray
-                  ) -> tuple[float | None, float | None, float]:
+def _visible_cost(original: np.ndarray, written: np.ndarray, intended: np.ndarray,
+                  kept_only: bool = False) -> tuple[float | None, float | None, float]:
     """PSNR and SSIM of the written pixels against the original, inside the bounding box of the
     pixels the protection changed (elsewhere nothing changed, and counting it would flatter
     both), and `kept`: the share of the intended change's energy the encoding kept (1 - error
-    energy / change energy, floored at 0). All (H, W, C) uint8 in one layout."""
+    energy / change energy, floored at 0). All (H, W, C) uint8 in one layout. `kept_only`:
+    PSNR and SSIM are None (SSIM is most of the cost; a quality search needs only `kept`)."""
     changed = np.any(intended != original, axis=-1)
     ys, xs = np.nonzero(changed)
     if not len(ys):
         return None, None, 1.0
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     a, b, c = original[box], written[box], intended[box]
-    psnr = float(metrics.psnr(a, b))
-    ssim = float(metrics.ssim(a, b)) if min(a.shape[:2]) >= 11 else None
+    psnr = None if kept_only else float(metrics.psnr(a, b))
+    ssim = float(metrics.ssim(a, b)) if min(a.shape[:2]) >= 11 and not kept_only else None
     want = ((c.astype(np.float64) - a) ** 2).sum()
     err = ((b.astype(np.float64) - c) ** 2).sum()
     return psnr, ssim, float(max(0.0, 1.0 - err / want))
@@ -169,10 +172,11 @@ def _repeats_merged(decoded: list, intended: list, original: list) -> tuple[list
     return [intended[i] for i in kept], [original[i] for i in kept]
 
 
-def _encode_measured(photo: Photo, layers: list, fmt: str, quality: int,
-                     strip_metadata: bool) -> tuple[bytes, dict, list]:
+def _encode_measured(photo: Photo, layers: list, fmt: str, quality: int, strip_metadata: bool,
+                     kept_only: bool = False) -> tuple[bytes, dict, list, list]:
     """One encoding of every frame, its PSNR/SSIM/kept (see `_visible_cost`, over all frames
-    stacked) in what was done, and the decoded frames."""
+    stacked) in what was done, the decoded frames, and (original, decoded, intended) stacked
+    (what `_visible_cost` measured)."""
     data, done = encode_photo(photo, layers[0], frames=layers[1:], format=fmt,
                               quality=int(quality), strip_metadata=strip_metadata)
     intended, original = layers, photo.layers()
@@ -181,10 +185,10 @@ def _encode_measured(photo: Photo, layers: list, fmt: str, quality: int,
         original = [orient(a, photo.orientation) for a in original]
     decoded = decode_frames(data, photo.mode)
     intended, original = _repeats_merged(decoded, intended, original)
-    psnr, ssim, kept = _visible_cost(*(np.concatenate(a, axis=0)
-                                       for a in (original, decoded, intended)))
+    stacked = [np.concatenate(a, axis=0) for a in (original, decoded, intended)]
+    psnr, ssim, kept = _visible_cost(*stacked, kept_only=kept_only)
     done.update(psnr=psnr, ssim=ssim, kept=kept)
-    return data, done, decoded
+    return data, done, decoded, stacked
 
 
 def encode_keeping(photo: Photo, stored: np.ndarray, options: "PhotoOptions",
@@ -193,16 +197,17 @@ def encode_keeping(photo: Photo, stored: np.ndarray, options: "PhotoOptions",
     (file bytes, what was done, decoded first frame in the written layout). JPEG and AVIF at
     quality 'auto' try QUALITIES[format] in turn and keep the first whose decoded pixels keep
     >= options.keep of the perturbation's energy (else the last); the choice and the share
-    kept are reported in what was done."""
+    kept are reported in what was done (PSNR and SSIM measured on the chosen one only)."""
     fmt = output_format(photo.format, options.output_format, options.keep_gif)
     auto = fmt in QUALITIES and options.jpeg_quality == "auto"
     qualities = QUALITIES[fmt] if auto else (options.jpeg_quality if fmt in QUALITIES else 95,)
     for quality in qualities:
-        data, done, decoded = _encode_measured(photo, [stored, *frames], fmt, quality,
-                                               options.strip_metadata)
+        data, done, decoded, stacked = _encode_measured(
+            photo, [stored, *frames], fmt, quality, options.strip_metadata, kept_only=auto)
         if not auto or done["kept"] >= options.keep:
             break
     if auto:
+        done["psnr"], done["ssim"], _ = _visible_cost(*stacked)
         done["quality_rule"] = f"lowest of {list(QUALITIES[fmt])} keeping >= {options.keep:.0%}"
     return data, done, decoded[0]
 
@@ -230,12 +235,14 @@ def _write_atomic(output: str, data: bytes) -> None:
 
 def protect_photos(gen: Generator, jobs: Iterable[tuple[str, str]],
                    options: PhotoOptions = PhotoOptions(), *, analyzer_factory=None,
-                   on_result: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+                   on_result: Callable[[Outcome], None] | None = None,
+                   timer=None) -> list[Outcome]:
     """Protect each (source, output) photo; returns one Outcome per job, in input order.
 
     Outputs are written (atomically) as soon as their faces are done; `on_result` is called for
     each, in input order. The caller decides what may be overwritten: existing outputs are
-    replaced. `analyzer_factory()` makes a faces.detection.FaceAnalyzer (one per worker thread)."""
+    replaced. `analyzer_factory()` makes a faces.detection.FaceAnalyzer (one per worker thread).
+    `timer` (a profile.StageTimer) collects the seconds of each stage; it changes no output."""
     if options.no_face not in ("skip", "copy"):
         raise ValueError(f"no_face must be 'skip' or 'copy', got {options.no_face!r}")
     eps = gen.config.eps if options.eps is None else float(options.eps)
@@ -243,20 +250,25 @@ def protect_photos(gen: Generator, jobs: Iterable[tuple[str, str]],
         from idguard_jax.faces.detection import FaceAnalyzer
         analyzer_factory = FaceAnalyzer
     jobs = list(jobs)
-    analyse = _Analyser(jobs, analyzer_factory, gen.config.image_size, options)
+    timer = timer or NullTimer()
+    analyse = _Analyser(jobs, analyzer_factory, gen.config.image_size, options, timer)
     with cf.ThreadPoolExecutor(max(1, options.workers)) as pool:
-        pipeline = Pipeline(pool, len(jobs), analyse, lambda item: _finish(item, options, eps),
-                            lambda waiting: _protect_batch(gen, waiting, options.batch_size, eps),
+        pipeline = Pipeline(pool, len(jobs), analyse,
+                            lambda item: _finish(item, options, eps, timer),
+                            lambda waiting: _protect_batch(gen, waiting, options.batch_size, eps,
+                                                           timer),
                             options.batch_size, options.workers, on_result)
         return pipeline.run()
 
 
 class _Analyser:
     """Step 1 of a photo, in a worker thread: decode it, find and align its faces (one
-    FaceAnalyzer per thread)."""
+    FaceAnalyzer per thread, wrapped to time detection and landmarks; the rest of the analysis
+    counts as alignment)."""
 
-    def __init__(self, jobs: list, analyzer_factory, size: int, options: PhotoOptions):
+    def __init__(self, jobs: list, analyzer_factory, size: int, options: PhotoOptions, timer):
         self.jobs, self.factory, self.size, self.options = jobs, analyzer_factory, size, options
+        self.timer = timer
         self.local = threading.local()
 
     def __call__(self, index: int) -> _Analysed:
@@ -264,11 +276,16 @@ class _Analyser:
         item = _Analysed(index, source, output)
         try:
             if not hasattr(self.local, "analyzer"):
-                self.local.analyzer = self.factory()
-            item.photo = read_photo(source)
-            for frame, upright in enumerate(item.photo.upright_frames()):
-                faces = align.analyse_image(upright, self.local.analyzer, self.size,
+                self.local.analyzer = TimedAnalyzer(self.factory(), self.timer)
+            analyzer = self.local.analyzer
+            with self.timer.stage("reading"):
+                item.photo = read_photo(source)
+                frames = list(item.photo.upright_frames())
+            for frame, upright in enumerate(frames):
+                t0, spent = time.perf_counter(), analyzer.spent
+                faces = align.analyse_image(upright, analyzer, self.size,
                                             self.options.min_face, self.options.detect_max_side)
+                self.timer.add("alignment", time.perf_counter() - t0 - (analyzer.spent - spent))
                 usable = [f for f in faces if f.status == align.OK]
                 item.faces += usable
                 item.face_frames += [frame] * len(usable)
@@ -292,7 +309,7 @@ def _protected_layers(item: _Analysed, eps: float) -> list[np.ndarray]:
     return layers
 
 
-def _finish(item: _Analysed, options: PhotoOptions, eps: float) -> Outcome:
+def _finish(item: _Analysed, options: PhotoOptions, eps: float, timer) -> Outcome:
     """Step 3 of a photo, in a worker thread: add its faces' perturbations (or copy or skip a
     photo without faces), encode and write it; its Outcome."""
     out = Outcome(item.source, item.output, FAILED, too_small=item.too_small)
@@ -304,13 +321,18 @@ def _finish(item: _Analysed, options: PhotoOptions, eps: float) -> Outcome:
             if options.no_face == "skip":
                 out.status, out.output = NO_FACE, None
                 return out
-            data, out.written, _ = encode_keeping(photo, photo.stored, options, photo.frames)
-            _write_atomic(item.output, data)
+            with timer.stage("encoding"):
+                data, out.written, _ = encode_keeping(photo, photo.stored, options, photo.frames)
+            with timer.stage("writing"):
+                _write_atomic(item.output, data)
             out.status = COPIED
             return out
-        layers = _protected_layers(item, eps)
-        data, out.written, _ = encode_keeping(photo, layers[0], options, layers[1:])
-        _write_atomic(item.output, data)
+        with timer.stage("warp-back"):
+            layers = _protected_layers(item, eps)
+        with timer.stage("encoding"):
+            data, out.written, _ = encode_keeping(photo, layers[0], options, layers[1:])
+        with timer.stage("writing"):
+            _write_atomic(item.output, data)
         out.psnr, out.ssim, out.kept = (out.written.pop(k) for k in ("psnr", "ssim", "kept"))
         out.status, out.faces = PROTECTED, len(item.faces)
     except Exception as e:
@@ -319,7 +341,7 @@ def _finish(item: _Analysed, options: PhotoOptions, eps: float) -> Outcome:
     return out
 
 
-def _protect_batch(gen: Generator, waiting: list, batch_size: int, eps: float) -> None:
+def _protect_batch(gen: Generator, waiting: list, batch_size: int, eps: float, timer) -> None:
     """Protect up to batch_size of the waiting faces (in order), appending each face's
     delta = x_adv - x (S, S, 3) float32 to its photo's list."""
     owners, faces = [], []
@@ -331,7 +353,8 @@ def _protect_batch(gen: Generator, waiting: list, batch_size: int, eps: float) -
             faces.append(face.image)
     x = to_float(np.stack(faces))
     try:
-        x_adv = protect.protect(gen, x, eps=eps, max_bucket=max(batch_size, 1))
+        with timer.stage("protection"):
+            x_adv = protect.protect(gen, x, eps=eps, max_bucket=max(batch_size, 1))
         deltas = list(x_adv - x)
     except Exception as e:   # say which photos were lost, keep the others going
         for item in owners:

@@ -22,7 +22,9 @@ One step (paper eq. 12, the reference's `solver.py::train_batch`) composes these
   5. `apply_gradients`: Adam (lr 1e-4, betas 0.5/0.999) on {G's parameters, delta_p},
      maximising sum_k lambda_k L_k.
 `compute_gradients` is 1-4; `train_step` is 1-5. A variant of the step (experiments/ablations.py)
-passes its own forward, condition loss or gradient function into these pieces.
+passes its own forward, condition loss or gradient function into these pieces. With cfg.robust
+(off by default) compute_gradients composes the same pieces with a lossy channel sampled per
+image (`step_channel`) between G and the targets, and applied to x for the clean pass.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from idguard_jax import channels
 from idguard_jax.config import TrainConfig
 from idguard_jax.generator import ResnetGenerator, init_generator, perturb
 from idguard_jax.images import as_float_images
@@ -52,7 +55,7 @@ __all__ = ["TrainState", "Setup", "create_setup", "init_state", "compute_dtype",
            "twice", "GeneratorPass", "generator_pass", "batched_branches", "pair_losses",
            "condition_loss", "ConditionLoss", "target_objective", "target_loss", "TargetGradients",
            "target_gradients", "weigh_tasks", "task_metrics", "Gradients", "compute_gradients",
-           "apply_gradients", "train_step", "make_train_step"]
+           "apply_gradients", "train_step", "make_train_step", "step_channel", "through_channel"]
 
 
 def compute_dtype(name: str):
@@ -354,9 +357,44 @@ class Gradients(NamedTuple):
 def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: Frozen) -> Gradients:
     """Steps 1-4 on a batch (read_batch says what it holds)."""
     inputs = read_batch(batch)
+    if setup.cfg.robust:   # EOT: the targets see x, x_adv and x_pri through one sampled channel
+        return _robust_gradients(setup, state, inputs, frozen)
     clean = clean_pass(setup, frozen, inputs, state.step)
     gen = generator_pass(setup, state, inputs.x)
     per_target = target_gradients(setup, frozen, inputs, clean, *gen.images)
+    w, grads, strategy_state = weigh_tasks(setup, state, gen.vjp, per_target.g_adv,
+                                           per_target.g_pri, per_target.kpi)
+    return Gradients(grads, gen.batch_stats, strategy_state, w,
+                     task_metrics(setup, w, per_target.losses, per_target.auxes))
+
+
+def step_channel(setup: Setup, step: jax.Array, n: int) -> Callable[[jax.Array], jax.Array]:
+    """cfg.robust's channel of this step for n images (channels.step_channel: parameters drawn
+    per image from (cfg.seed, step), arguments of the program, never constants)."""
+    return channels.step_channel(setup.cfg.robust, setup.cfg.seed, step, n)
+
+
+def through_channel(gen: GeneratorPass, channel: Callable) -> GeneratorPass:
+    """The generator pass followed by `channel` on x_adv and x_pri: images, fn and vjp compose,
+    so image-space cotangents flow back through the channel into G and delta_p."""
+    images, channel_vjp = jax.vjp(lambda a, p: (channel(a), channel(p)), *gen.images)
+
+    def fn(params, delta_p):
+        (x_adv, x_pri), stats = gen.fn(params, delta_p)
+        return (channel(x_adv), channel(x_pri)), stats
+    return gen._replace(fn=fn, images=images, vjp=lambda ct: gen.vjp(channel_vjp(ct)))
+
+
+def _robust_gradients(setup: Setup, state: TrainState, inputs: Inputs,
+                      frozen: Frozen) -> Gradients:
+    """compute_gradients with expectation over transformations (cfg.robust): the clean outputs
+    come from the channel applied to x, as the evaluation passes both images through the
+    operation; G still sees x itself."""
+    channel = step_channel(setup, state.step, inputs.x.shape[0])
+    seen = inputs._replace(x=channel(inputs.x))
+    clean = clean_pass(setup, frozen, seen, state.step)
+    gen = through_channel(generator_pass(setup, state, inputs.x), channel)
+    per_target = target_gradients(setup, frozen, seen, clean, *gen.images)
     w, grads, strategy_state = weigh_tasks(setup, state, gen.vjp, per_target.g_adv,
                                            per_target.g_pri, per_target.kpi)
     return Gradients(grads, gen.batch_stats, strategy_state, w,

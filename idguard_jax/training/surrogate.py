@@ -39,6 +39,8 @@ class SurrogateAutoencoder(nn.Module):
     conv3 to 3 channels (`dec_out`) + tanh. No normalisation layers, so every image is processed
     independently of the others in its batch (PGD results do not depend on the batching).
     H and W must be multiples of 2**depth. Fully convolutional: it runs at any such size.
+    `return_features=True` also returns the bottleneck, (B, H / 2**depth, W / 2**depth,
+    channels(depth)) (the mid features of the learned target `networks.learned.FaceAutoencoder`).
     """
     width: int = 32
     depth: int = 4
@@ -48,7 +50,7 @@ class SurrogateAutoencoder(nn.Module):
         return self.width * 2 ** min(level, 3)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, return_features: bool = False):
         f = 2 ** self.depth
         if x.shape[1] % f or x.shape[2] % f:
             raise ValueError(f"SurrogateAutoencoder(depth={self.depth}) needs H and W multiples "
@@ -58,11 +60,13 @@ class SurrogateAutoencoder(nn.Module):
         h = nn.relu(conv2d(self.width, 3, 1, 1, bias=True, dtype=dt, name="enc_in")(h))
         for i in range(1, self.depth + 1):
             h = nn.relu(conv2d(self.channels(i), 4, 2, 1, bias=True, dtype=dt, name=f"enc_{i}")(h))
+        bottleneck = h
         for i in range(self.depth, 0, -1):
             h = nn.relu(conv_transpose2d(self.channels(i - 1), 4, 2, 1, bias=True, dtype=dt,
                                          name=f"dec_{i}")(h))
         h = conv2d(3, 3, 1, 1, bias=True, dtype=dt, name="dec_out")(h)
-        return jnp.tanh(h.astype(jnp.float32))
+        image = jnp.tanh(h.astype(jnp.float32))
+        return (image, bottleneck) if return_features else image
 
 
 def init_surrogate(seed: int, model: SurrogateAutoencoder, image_size: int) -> dict:

@@ -1,0 +1,300 @@
+"""The generator's eval-mode forward for protection only: BatchNorm folded into the convolutions
+at load time, computed in float32 (XLA's convolutions) or bfloat16 (matrix products).
+
+    fast_gen = fast.prepare(gen, dtype="bfloat16")    # gen: generator.Generator (load_trained)
+    x_adv = fast_gen(x, eps)                          # = protect_fast(layers, delta_p, x, ...)
+
+`fold_batchnorm` rewrites each conv (transposed too) + eval BatchNorm pair of
+`generator.ResnetGenerator` (the reference's `net/advGen.py::ResnetGenerator`) as one conv with
+a bias: kernel * s and bias - mean * s, s = scale / sqrt(var + 1e-5) per output channel. The
+float32 forward then runs the same convolutions as the module (same padding, same CPU layout
+trick as `ports.layers.reflect_conv2d`), so it agrees with `generator.protect_eval` to float32
+rounding.
+
+The bfloat16 forward exists because XLA:CPU computes a bfloat16 convolution in float32 (it
+converts both operands and calls its float32 convolution), while a plain 2-D dot of bfloat16
+operands with float32 accumulation runs in bfloat16 (YNNPACK; AVX512-BF16 or AMX). So each 3x3
+convolution becomes patches (slices and concatenation, moved as uint16 bit patterns: XLA:CPU
+widens every bfloat16 copy to float32 and back) and a 2-D product; a transposed k3 s2 conv
+becomes its four output phases, each a product over the 1, 2 or 4 input pixels it depends on,
+interleaved after. Activations are rounded to bfloat16 only where they enter a product; bias,
+activations, the residual sum and the output stay float32. The 7x7 convolutions at the ends
+(6 and 3 channels) and a stride-2 conv on few channels (MIN_DOWN_CHANNELS) stay float32
+convolutions: their thin matrices or strided patches gain nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from idguard_jax.generator import Generator, GeneratorConfig
+from ports.layers import clamp, reflect_pad
+
+__all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "prepare", "protect_fast", "layer_names",
+           "generator_output",
+           "DTYPES", "BN_EPSILON"]
+
+DTYPES = ("float32", "bfloat16")
+# A stride-2 conv with fewer input channels stays a float32 conv on the matrix path: its strided
+# patches cost as much as the product saves (64 -> 128 at 256 px: no faster on a 2-core EPYC).
+MIN_DOWN_CHANNELS = 128
+BN_EPSILON = 1e-5     # ports.layers.BatchNorm's (torch's) epsilon
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+# ------------------------------------------------------------------------------ folding
+
+
+def layer_names(cfg: GeneratorConfig) -> dict:
+    """The module's submodule names (generator.ResnetGenerator): conv -> its BatchNorm."""
+    i = 10 + cfg.n_blocks
+    return {"in": ("model0_1", "model0_2"), "down1": ("model0_4", "model0_5"),
+            "down2": ("model0_7", "model0_8"),
+            "blocks": [f"model0_{10 + b}" for b in range(cfg.n_blocks)],
+            "up1": (f"model0_{i}", f"model0_{i + 1}"),
+            "up2": (f"model0_{i + 3}", f"model0_{i + 4}"), "out": f"model0_{i + 7}"}
+
+
+def _fold(kernel, bn_params, bn_stats, out_axis: int) -> dict:
+    """One conv kernel and the eval BatchNorm after it -> {'kernel', 'bias'} (float32)."""
+    s = bn_params["scale"] * lax.rsqrt(bn_stats["var"] + BN_EPSILON)
+    shape = [1] * kernel.ndim
+    shape[out_axis] = -1
+    return {"kernel": kernel * s.reshape(shape), "bias": bn_params["bias"] - bn_stats["mean"] * s}
+
+
+def fold_batchnorm(variables: dict, cfg: GeneratorConfig) -> dict:
+    """Generator variables {'params', 'batch_stats'} -> float32 layers with BatchNorm folded:
+    {'in', 'down1', 'down2', 'up1', 'up2', 'out': {'kernel', 'bias'}, 'blocks': [{'conv1',
+    'conv2'}, ...]}. Conv kernels HWIO; the transposed convs keep the module's kernel layout
+    (kh, kw, out, in), used with transpose_kernel=True."""
+    p, st = variables["params"], variables["batch_stats"]
+    names = layer_names(cfg)
+    layers = {}
+    for key in ("in", "down1", "down2"):
+        conv, bn = names[key]
+        layers[key] = _fold(p[conv]["kernel"], p[bn], st[bn], out_axis=3)
+    for key in ("up1", "up2"):
+        conv, bn = names[key]
+        layers[key] = _fold(p[conv]["kernel"], p[bn], st[bn], out_axis=2)
+    layers["blocks"] = [
+        {"conv1": _fold(p[b]["conv_block_1"]["kernel"], p[b]["conv_block_2"],
+                        st[b]["conv_block_2"], out_axis=3),
+         "conv2": _fold(p[b]["conv_block_5"]["kernel"], p[b]["conv_block_6"],
+                        st[b]["conv_block_6"], out_axis=3)} for b in names["blocks"]]
+    layers["out"] = {"kernel": p[names["out"]]["kernel"], "bias": p[names["out"]]["bias"]}
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), layers)
+
+
+# ------------------------------------------------------------------------------ float32 convs
+
+
+def _conv(x, kernel, stride: int, pad: int):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=_DN)
+
+
+def _reflect_conv(x, kernel):
+    """ReflectionPad2d(k // 2) + conv k, as ports.layers.reflect_conv2d computes it (on CPU
+    zero padding + crop around the reflected input, its faster layout)."""
+    p = kernel.shape[0] // 2
+    h = reflect_pad(x, p)
+    if jax.default_backend() != "cpu":
+        return _conv(h, kernel, 1, 0)
+    return _conv(h, kernel, 1, p)[:, p:-p, p:-p, :]
+
+
+def _conv_transpose(x, kernel):
+    """torch ConvTranspose2d(k3, s2, p1, output_padding 1) as ports.layers.conv_transpose2d."""
+    return lax.conv_transpose(x, kernel, (2, 2), ((1, 2), (1, 2)), dimension_numbers=_DN,
+                              transpose_kernel=True)
+
+
+# ------------------------------------------------------------------------------ bfloat16 products
+
+
+def _bits(x, dtype):
+    """float32 activations -> what the patches are built from: for bfloat16 its uint16 bit
+    patterns (XLA:CPU widens every bfloat16 copy to float32 and back; integer copies stay
+    copies), float32 unchanged (the test of the formulation)."""
+    if dtype == jnp.float32:
+        return x
+    return lax.bitcast_convert_type(x.astype(dtype), jnp.uint16)
+
+
+def _mm(patches, matrix):
+    """(..., K) patches (_bits) @ (K, N) matrix -> (..., N) float32, accumulated in float32."""
+    a = patches if patches.dtype == matrix.dtype else lax.bitcast_convert_type(patches,
+                                                                               matrix.dtype)
+    return lax.dot_general(a, matrix, (((a.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def _block_conv_mm(x, matrix):
+    """ReflectionPad2d(1) + conv 3x3 on x (B, H, W, C) float32, matrix (3C, 3O): the three
+    horizontal taps are concatenated (3C patches), one product gives every vertical tap's
+    contribution (3O), and rows shifted by 0, 1, 2 are summed."""
+    b, h, w, _ = x.shape
+    xp = reflect_pad(_bits(x, matrix.dtype), 1)
+    patches = jnp.concatenate([xp[:, :, j:j + w] for j in range(3)], axis=-1)
+    y = _mm(patches, matrix).reshape(b, h + 2, w, 3, -1)
+    return y[:, 0:h, :, 0] + y[:, 1:h + 1, :, 1] + y[:, 2:h + 2, :, 2]
+
+
+def _down_conv_mm(x, matrix):
+    """conv 3x3 stride 2 zero padding 1 on x (B, H, W, C), H and W even, matrix (9C, O): the
+    nine strided taps concatenated, one product."""
+    b, h, w, _ = x.shape
+    xp = jnp.pad(_bits(x, matrix.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([xp[:, i:i + h:2, j:j + w:2] for i in range(3) for j in range(3)],
+                              axis=-1)
+    return _mm(patches, matrix)
+
+
+def _up_conv_mm(x, matrices):
+    """ConvTranspose2d(k3, s2, p1, output_padding 1) on x (B, H, W, C) -> (B, 2H, 2W, O).
+    Output pixel (2a + p, 2b + q) depends only on inputs (a, b), (a, b + 1), (a + 1, b),
+    (a + 1, b + 1) (zero past the border): phase (0, 0) on 1 of them, (0, 1) and (1, 0) on 2,
+    (1, 1) on 4, so four products (patches of C, 2C, 2C, 4C; `_up_matrices`) give the four
+    phases, interleaved after."""
+    b, h, w, _ = x.shape
+    dt = matrices["ee"].dtype
+    xp = jnp.pad(_bits(x, dt), ((0, 0), (0, 1), (0, 1), (0, 0)))
+    x00, x01, x10, x11 = (xp[:, di:di + h, dj:dj + w] for di in (0, 1) for dj in (0, 1))
+    ee = _mm(x00, matrices["ee"])
+    eo = _mm(jnp.concatenate([x00, x01], axis=-1), matrices["eo"])
+    oe = _mm(jnp.concatenate([x00, x10], axis=-1), matrices["oe"])
+    oo = _mm(jnp.concatenate([x00, x01, x10, x11], axis=-1), matrices["oo"])
+    y = jnp.stack([jnp.stack([ee, eo], axis=3), jnp.stack([oe, oo], axis=3)], axis=2)
+    return y.reshape(b, 2 * h, 2 * w, -1)
+
+
+def _block_matrix(kernel):
+    """HWIO (3, 3, C, O) -> (3C, 3O): rows (horizontal tap j, c), columns (vertical tap i, o)."""
+    k = kernel.shape
+    return jnp.transpose(kernel, (1, 2, 0, 3)).reshape(k[1] * k[2], k[0] * k[3])
+
+
+def _down_matrix(kernel):
+    """HWIO (3, 3, C, O) -> (9C, O), rows (i, j, c) as _down_conv_mm's patches."""
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def _up_matrices(kernel) -> dict:
+    """The transposed conv's kernel (3, 3, O, C) in the module's layout (the torch weight
+    (C, O, kh, kw) transposed (2, 3, 1, 0)) -> _up_conv_mm's four phase matrices. Per axis,
+    torch's ConvTranspose2d(k3, s2, p1) adds input a times tap k into output 2a - 1 + k: even
+    outputs 2a take tap 1 of input a, odd outputs 2a + 1 tap 2 of input a and tap 0 of a + 1."""
+    t = lambda ki, kj: kernel[ki, kj].T                  # torch tap (ki, kj) as (C, O)
+    return {"ee": t(1, 1), "eo": jnp.concatenate([t(1, 2), t(1, 0)]),
+            "oe": jnp.concatenate([t(2, 1), t(0, 1)]),
+            "oo": jnp.concatenate([t(2, 2), t(2, 0), t(0, 2), t(0, 0)])}
+
+
+def matrix_layers(folded: dict, dtype: str = "bfloat16") -> dict:
+    """Folded float32 layers -> the matrix path's: each 3x3 conv's kernel rearranged for its
+    product and cast to `dtype`; biases, the 7x7 kernels and a stride-2 kernel on fewer than
+    MIN_DOWN_CHANNELS input channels stay float32 kernels."""
+    dt = jnp.dtype(dtype)
+    cast = lambda m: m.astype(dt)
+    out = {"in": folded["in"], "out": folded["out"]}
+    for key in ("down1", "down2"):
+        kernel = folded[key]["kernel"]
+        out[key] = ({"matrix": cast(_down_matrix(kernel)), "bias": folded[key]["bias"]}
+                    if kernel.shape[2] >= MIN_DOWN_CHANNELS else folded[key])
+    for key in ("up1", "up2"):
+        out[key] = {"matrix": jax.tree.map(cast, _up_matrices(folded[key]["kernel"])),
+                    "bias": folded[key]["bias"]}
+    out["blocks"] = [{n: {"matrix": cast(_block_matrix(blk[n]["kernel"])), "bias": blk[n]["bias"]}
+                      for n in ("conv1", "conv2")} for blk in folded["blocks"]]
+    return out
+
+
+# ------------------------------------------------------------------------------ the forward
+
+
+def _forward_float32(layers: dict, g_in):
+    """The folded generator on g_in (B, H, W, 6) float32 -> pre-tanh (B, H, W, 3)."""
+    lin = lambda y, layer: y + layer["bias"]
+    h = jax.nn.selu(lin(_reflect_conv(g_in, layers["in"]["kernel"]), layers["in"]))
+    for key in ("down1", "down2"):
+        h = jax.nn.selu(lin(_conv(h, layers[key]["kernel"], 2, 1), layers[key]))
+    for blk in layers["blocks"]:
+        r = jax.nn.relu(lin(_reflect_conv(h, blk["conv1"]["kernel"]), blk["conv1"]))
+        h = h + lin(_reflect_conv(r, blk["conv2"]["kernel"]), blk["conv2"])
+    for key in ("up1", "up2"):
+        h = jax.nn.selu(lin(_conv_transpose(h, layers[key]["kernel"]), layers[key]))
+    return lin(_reflect_conv(h, layers["out"]["kernel"]), layers["out"])
+
+
+def _forward_matrix(layers: dict, g_in):
+    """As _forward_float32, the 3x3 convs (transposed too) as bfloat16 products."""
+    lin = lambda y, layer: y + layer["bias"]
+    h = jax.nn.selu(lin(_reflect_conv(g_in, layers["in"]["kernel"]), layers["in"]))
+    for key in ("down1", "down2"):
+        layer = layers[key]
+        y = (_down_conv_mm(h, layer["matrix"]) if "matrix" in layer
+             else _conv(h, layer["kernel"], 2, 1))
+        h = jax.nn.selu(lin(y, layer))
+    for blk in layers["blocks"]:
+        r = jax.nn.relu(lin(_block_conv_mm(h, blk["conv1"]["matrix"]), blk["conv1"]))
+        h = h + lin(_block_conv_mm(r, blk["conv2"]["matrix"]), blk["conv2"])
+    for key in ("up1", "up2"):
+        h = jax.nn.selu(lin(_up_conv_mm(h, layers[key]["matrix"]), layers[key]))
+    return lin(_reflect_conv(h, layers["out"]["kernel"]), layers["out"])
+
+
+def _generator_output(layers: dict, delta_p, x, eps: float, dtype: str):
+    """tanh(G(cat(x, clamp(delta_p, +-eps)))) (B, S, S, 3) float32, before its clamp to eps."""
+    p = clamp(delta_p.astype(jnp.float32), -eps, eps)
+    g_in = jnp.concatenate([x, jnp.broadcast_to(p, x.shape)], axis=-1)
+    forward = _forward_float32 if dtype == "float32" else _forward_matrix
+    return jnp.tanh(forward(layers, g_in))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "eps", "dtype"))
+def generator_output(layers: dict, delta_p: jax.Array, x: jax.Array, *, config: GeneratorConfig,
+                     eps: float, dtype: str = "float32") -> jax.Array:
+    """The perturbation before its clamp to +-eps (B, S, S, 3) float32 (what a check of how
+    many values the clamp cuts needs); x (B, S, S, 3) in [-1, 1]."""
+    return _generator_output(layers, delta_p, x.astype(jnp.float32), eps, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "eps", "dtype"))
+def protect_fast(layers: dict, delta_p: jax.Array, x: jax.Array, *, config: GeneratorConfig,
+                 eps: float, dtype: str = "float32") -> jax.Array:
+    """generator.protect_eval on prepared layers: x (B, S, S, 3) float in [-1, 1] -> x_adv
+    (B, S, S, 3) float32, |x_adv - x| <= eps (the same clamps as generator.perturb). `layers`
+    come from `prepare` (float32: fold_batchnorm's; bfloat16: matrix_layers')."""
+    x = x.astype(jnp.float32)
+    g = _generator_output(layers, delta_p, x, eps, dtype)
+    return clamp(x + clamp(g, -eps, eps), -1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FastGenerator:
+    """A generator prepared for protection: config, layers (see protect_fast), delta_p (S, S, 3),
+    dtype ('float32' or 'bfloat16')."""
+    config: GeneratorConfig
+    layers: Any
+    delta_p: jax.Array
+    dtype: str = "float32"
+
+    def __call__(self, x, eps: float) -> jax.Array:
+        return protect_fast(self.layers, self.delta_p, x, config=self.config, eps=eps,
+                            dtype=self.dtype)
+
+
+def prepare(gen: Generator, dtype: str = "float32") -> FastGenerator:
+    """A loaded generator (generator.load_trained) with its BatchNorm folded, for `dtype`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    folded = jax.jit(fold_batchnorm, static_argnums=1)(gen.variables, gen.config)
+    layers = folded if dtype == "float32" else jax.jit(matrix_layers, static_argnums=1)(folded, dtype)
+    return FastGenerator(gen.config, layers, gen.delta_p, dtype)
