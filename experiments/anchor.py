@@ -32,12 +32,13 @@ import torch
 from convert.convert import TARGETS as CONVERTERS
 from convert.torch_io import state_dict_to_numpy, to_flax
 from idguard_jax.config import TrainConfig
-from idguard_jax.generator import GeneratorConfig, abstract_generator, protect_eval
+from idguard_jax.generator import Generator, GeneratorConfig, abstract_generator, protect_eval
 from idguard_jax.images import as_float_images
 from idguard_jax.networks import gradcam
 from idguard_jax.networks import hisd as hisd_target
 from idguard_jax.networks import identity as identity_lib
 from idguard_jax.networks import targets as targets_lib
+from idguard_jax.protection import fast
 from idguard_jax.training import mgda
 from idguard_jax.training import step as train
 from idguard_jax.training.frozen import Frozen
@@ -429,22 +430,28 @@ def bench_step(anchor: Anchor, repeats: int, warmup: int) -> tuple[dict, list[di
 # Timing: protection
 # ------------------------------------------------------------------------------------------
 
-def _protect_float32(gcfg: GeneratorConfig):
-    return jax.jit(functools.partial(protect_eval, config=gcfg, eps=gcfg.eps, dtype=None))
+def _protect_module(gcfg: GeneratorConfig, variables, delta_p):
+    """generator.protect_eval: the generator module as trained, float32."""
+    return jax.jit(functools.partial(protect_eval, config=gcfg, eps=gcfg.eps)), (variables,
+                                                                                 delta_p)
 
 
-def _protect_bfloat16(gcfg: GeneratorConfig):
-    # HOOK: our bfloat16 protection. Today the generator computing in bfloat16; replace this
-    # entry with the library's bfloat16 formulation once it exists (issue 13, item 4).
-    return jax.jit(functools.partial(protect_eval, config=gcfg, eps=gcfg.eps,
-                                     dtype=jnp.bfloat16))
+def _protect_prepared(dtype: str):
+    """protection.fast: BatchNorm folded at load time (not timed), computed in `dtype`."""
+    def make(gcfg: GeneratorConfig, variables, delta_p):
+        gen = fast.prepare(Generator(gcfg, variables, delta_p), dtype)
+        fn = jax.jit(lambda layers, p, x: fast.protect_fast(layers, p, x, config=gcfg,
+                                                            eps=gcfg.eps))
+        return fn, (gen.layers, gen.delta_p)
+    return make
 
 
-# dtype -> (generator config -> a jitted fn(variables, delta_p, x (B,S,S,3)) -> x_adv float32):
-# our protection per dtype, the hook where a new formulation plugs in.
-OUR_PROTECTION: dict[str, Callable[[GeneratorConfig], Callable]] = {
-    "float32": _protect_float32,
-    "bfloat16": _protect_bfloat16,
+# variant -> (generator config, variables, delta_p) -> (a jitted fn(*args, x (B,S,S,3)) ->
+# x_adv float32, args): our protections; a variant's dtype is its name before any '-'.
+OUR_PROTECTION: dict[str, Callable] = {
+    "float32": _protect_module,
+    "float32-folded": _protect_prepared("float32"),
+    "bfloat16": _protect_prepared("bfloat16"),
 }
 
 
@@ -467,11 +474,13 @@ def bench_protect(cfg: TrainConfig, batch: int, dtypes, repeats: int, warmup: in
     variables, delta_p = _as_jax(variables), jnp.asarray(delta_p)
     calls = []   # (side, dtype, variant, call, record); torch float32 always (the baseline)
     for dtype in dtypes:
-        if dtype not in OUR_PROTECTION:
+        variants = [v for v in OUR_PROTECTION if v.split("-")[0] == dtype]
+        if not variants:
             raise ValueError(f"--dtypes {dtype}: no protection of ours for it")
-        record, call = bench.prepare(OUR_PROTECTION[dtype](gcfg), (variables, delta_p,
-                                                                   jax.device_put(x)))
-        calls.append(("ours", dtype, "jax", call, record))
+        for variant in variants:
+            fn, args = OUR_PROTECTION[variant](gcfg, variables, delta_p)
+            record, call = bench.prepare(fn, (*args, jax.device_put(x)))
+            calls.append(("ours", dtype, variant, call, record))
     for variant in solver.PROTECT_VARIANTS:
         dtype = variant.split("-")[0]
         if dtype == "float32" or dtype in dtypes:

@@ -565,7 +565,7 @@ def _print_anchor_summary(results: list[dict]) -> None:
             if t["side"] == "torch" and t["batch_size"] == r["batch_size"] and (
                     t["variant"] == "float32" or t["dtype"] == r["dtype"]):
                 lines.append(f"| protection, ngf {r['ngf']}, {r['image_size']} px, batch "
-                             f"{r['batch_size']}: ours {r['dtype']} vs torch {t['variant']} | "
+                             f"{r['batch_size']}: ours {r['variant']} vs torch {t['variant']} | "
                              f"{t['s_per_image']:.4f} s/img | {r['s_per_image']:.4f} s/img | "
                              f"{t['s_per_image'] / r['s_per_image']:.2f}x |")
     for r in results:

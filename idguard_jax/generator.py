@@ -26,7 +26,8 @@ from ports.layers import BatchNorm, clamp, conv2d, conv_transpose2d, reflect_con
 
 __all__ = ["ResnetGenerator", "GeneratorConfig", "Generator", "perturb", "protect_eval",
            "init_generator", "init_kernel", "fit_delta_p", "save_generator", "load_generator",
-           "load_trained", "abstract_generator", "init_bn_scale", "GENERATOR_KIND"]
+           "load_trained", "abstract_generator", "init_bn_scale", "GENERATOR_KIND",
+           "generator_input", "within_budget"]
 
 Dtype = Any
 
@@ -134,18 +135,25 @@ def perturb(module: ResnetGenerator, variables: dict, delta_p: jax.Array, x: jax
       x_pri = clamp(x + p, -1, 1) with p = clamp(delta_p, +-eps); new_batch_stats is the updated
       running statistics when training, else the input ones.
     """
-    p = clamp(delta_p.astype(jnp.float32), -eps, eps)
-    g_in = jnp.concatenate([x, jnp.broadcast_to(p, x.shape)], axis=-1)
+    p, g_in = generator_input(delta_p, x, eps)
     if train:
         g, updates = module.apply(variables, g_in, train=True, mutable=["batch_stats"])
         new_stats = updates["batch_stats"]
     else:
         g = module.apply(variables, g_in, train=False)
         new_stats = variables["batch_stats"]
-    pert = clamp(g, -eps, eps)
-    x_adv = clamp(x + pert, -1.0, 1.0)
-    x_pri = clamp(x + p, -1.0, 1.0)
-    return x_adv, x_pri, new_stats
+    return within_budget(x, g, eps), clamp(x + p, -1.0, 1.0), new_stats
+
+
+def generator_input(delta_p: jax.Array, x: jax.Array, eps: float):
+    """(p, G's input): p = clamp(delta_p, +-eps) (H, W, 3) float32 and cat(x, p) (B, H, W, 6)."""
+    p = clamp(delta_p.astype(jnp.float32), -eps, eps)
+    return p, jnp.concatenate([x, jnp.broadcast_to(p, x.shape)], axis=-1)
+
+
+def within_budget(x: jax.Array, g: jax.Array, eps: float) -> jax.Array:
+    """x_adv = clamp(x + clamp(g, +-eps), -1, 1): G's output g added within the budget."""
+    return clamp(x + clamp(g, -eps, eps), -1.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "eps", "dtype"))

@@ -23,8 +23,8 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 __all__ = [
-    "affine_params", "conv2d", "reflect_conv2d", "conv_transpose2d", "ConvTranspose2d",
-    "conv_transpose_subpixel", "dense", "reflect_pad",
+    "affine_params", "conv2d", "reflect_conv2d", "reflect_conv", "conv_transpose2d",
+    "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "dense", "reflect_pad",
     "InstanceNorm", "BatchNorm", "clamp", "PReLU", "flatten_nchw",
 ]
 
@@ -46,20 +46,36 @@ def reflect_conv2d(x: jax.Array, features: int, kernel: int, *, bias: bool, name
                    kernel_init: Initializer = nn.initializers.lecun_normal()) -> jax.Array:
     """nn.ReflectionPad2d(kernel // 2) then torch.nn.Conv2d(in, features, kernel) on x (NHWC),
     with `conv2d`'s parameters. Call inside a compact module (the conv is its child `name`).
-
-    On CPU the padded input is convolved with zero padding kernel // 2 and the border cropped,
-    which gives the same numbers: XLA's CPU convolution is ~3x slower without padding than
-    with 'SAME'-like padding (3x3 256-channel at 64 px: 220 vs 80 ms; 7x7 64->3 at 256 px:
-    500 vs 42 ms, on a 2-core EPYC), at the price of ~5% more multiply-adds.
-    """
+    `reflect_conv` is the same on a given kernel."""
     p = kernel // 2
-    h = reflect_pad(x, p)
-    if jax.default_backend() != "cpu" or p == 0:
-        return conv2d(features, kernel, bias=bias, name=name, dtype=dtype,
-                      kernel_init=kernel_init)(h)
-    y = conv2d(features, kernel, padding=p, bias=bias, name=name, dtype=dtype,
-               kernel_init=kernel_init)(h)
-    return y[:, p:-p, p:-p, :]
+    zero = _cpu_zero_padding(p)
+    y = conv2d(features, kernel, padding=zero, bias=bias, name=name, dtype=dtype,
+               kernel_init=kernel_init)(reflect_pad(x, p))
+    return _crop(y, zero)
+
+
+def reflect_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """nn.ReflectionPad2d(k // 2) then a k x k convolution (no bias) of x (B, H, W, C) with
+    kernel (k, k, C, O) HWIO, computed as `reflect_conv2d` computes it."""
+    p = kernel.shape[0] // 2
+    zero = _cpu_zero_padding(p)
+    y = jax.lax.conv_general_dilated(reflect_pad(x, p), kernel, (1, 1), ((zero, zero),) * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _crop(y, zero)
+
+
+def _cpu_zero_padding(p: int) -> int:
+    """Zero padding around a reflect-padded input (cropped after the conv): on CPU p, else 0.
+
+    XLA's CPU convolution is ~3x slower without padding than with 'SAME'-like padding (3x3
+    256-channel at 64 px: 220 vs 80 ms; 7x7 64->3 at 256 px: 500 vs 42 ms, on a 2-core EPYC),
+    so there the padded input is convolved with zero padding p and the border cropped: the same
+    numbers, for ~5% more multiply-adds."""
+    return p if jax.default_backend() == "cpu" else 0
+
+
+def _crop(y: jax.Array, p: int) -> jax.Array:
+    return y[:, p:-p, p:-p, :] if p else y
 
 
 def conv_transpose2d(features: int, kernel: int, stride: int, padding: int,
@@ -107,12 +123,13 @@ class ConvTranspose2d(nn.Module):
         if jax.default_backend() == "cpu":
             y = _conv_transpose_fast_grad(x, kernel, geometry)
         else:
-            y = _conv_transpose_direct(x, kernel, geometry)
+            y = conv_transpose(x, kernel, geometry)
         return y if bias is None else y + bias
 
 
-def _conv_transpose_direct(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
-    """torch's ConvTranspose2d as flax computes it: lax.conv_transpose, transposed kernel."""
+def conv_transpose(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
+    """torch's ConvTranspose2d (no bias) of x (B, H, W, I) as flax computes it: kernel
+    (k, k, O, I) as `ConvTranspose2d` holds it, geometry (stride, padding, output_padding)."""
     stride, padding, output_padding = geometry
     lo = kernel.shape[0] - 1 - padding
     pads = ((lo, lo + output_padding),) * 2
@@ -137,7 +154,7 @@ def _subpixel_taps(kernel_size: int, stride: int, padding: int) -> tuple[int, np
 
 
 def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
-    """`_conv_transpose_direct` as ONE stride-1 convolution to stride^2 * O channels followed by
+    """`conv_transpose` as ONE stride-1 convolution to stride^2 * O channels followed by
     depth-to-space (the sub-pixel form): the same numbers to float32 rounding, and on XLA:CPU
     every gradient of it is an ordinary convolution. x (B, H, W, I); kernel (k, k, O, I) as
     `ConvTranspose2d` holds it; the output size must be a multiple of the stride."""
@@ -165,16 +182,16 @@ def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array, geometry: tuple) ->
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_transpose_fast_grad(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
-    return _conv_transpose_direct(x, kernel, geometry)
+    return conv_transpose(x, kernel, geometry)
 
 
 def _fast_grad_fwd(x, kernel, geometry):
-    return _conv_transpose_direct(x, kernel, geometry), (x, kernel)
+    return conv_transpose(x, kernel, geometry), (x, kernel)
 
 
 def _fast_grad_bwd(geometry, residuals, g):
     x, kernel = residuals
-    _, dx = jax.vjp(lambda x_: _conv_transpose_direct(x_, kernel, geometry), x)
+    _, dx = jax.vjp(lambda x_: conv_transpose(x_, kernel, geometry), x)
     _, dk = jax.vjp(lambda k_: conv_transpose_subpixel(x, k_, geometry), kernel)
     return dx(g)[0], dk(g)[0]
 

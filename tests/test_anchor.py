@@ -109,8 +109,8 @@ def test_component_table_and_summary(capsys):
         {"bench": "anchor_step", "image_size": 64, "batch_size": 4, "targets": ["a"] * 5,
          "identity": "arcface", "strategy": "kpi", "torch_step_s": 15.0, "ours_step_s": 5.0,
          "speedup": 3.0},
-        {"bench": "anchor_protect", "side": "ours", "dtype": "float32", "ngf": 64,
-         "image_size": 256, "batch_size": 4, "s_per_image": 0.2},
+        {"bench": "anchor_protect", "side": "ours", "dtype": "float32", "variant": "float32",
+         "ngf": 64, "image_size": 256, "batch_size": 4, "s_per_image": 0.2},
         {"bench": "anchor_protect", "side": "torch", "dtype": "float32", "variant": "float32",
          "batch_size": 4, "s_per_image": 0.3}])
     err = capsys.readouterr().err

@@ -56,10 +56,10 @@ def test_each_conv_as_a_matrix_product_equals_the_conv(gen, monkeypatch):
     monkeypatch.setattr(fast, "MIN_DOWN_CHANNELS", 1)      # the stride-2 convs as products too
     folded = fast.fold_batchnorm(gen.variables, CFG)
     g_in = jnp.concatenate([_x(), _x(seed=1)], -1)
-    convs = fast._forward_float32(folded, g_in)
+    convs = fast._forward(folded, g_in)
     layers = fast.matrix_layers(folded, "float32")
     assert "matrix" in layers["down1"] and "matrix" in layers["up2"]
-    matrices = fast._forward_matrix(layers, g_in)
+    matrices = fast._forward(layers, g_in)
     np.testing.assert_allclose(matrices, convs, atol=2e-6, rtol=1e-5)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import min_norm_reference
 from idguard_jax.training import mgda
 
 KINDS = ("gauss", "scaled", "rankdef", "dup", "zero", "collinear")
@@ -114,74 +115,10 @@ def _assert_on_simplex(c, n):
 # Float64 NumPy transcription of the upstream algorithm (from its description)
 # ------------------------------------------------------------------------------------------------
 
-def _np_two_point(a11, a12, a22):
-    """(gamma, cost) for min over gamma of ||gamma x1 + (1 - gamma) x2||^2."""
-    if a12 >= a11:
-        return 0.999, a11
-    if a12 >= a22:
-        return 0.001, a22
-    gamma = (a22 - a12) / (a11 + a22 - 2.0 * a12)
-    return gamma, a22 + gamma * (a12 - a22)
-
-
-def _np_simplex(y):
-    s = np.sort(y)[::-1]
-    size = len(y)
-    theta = (np.sum(y) - 1.0) / size
-    acc = 0.0
-    for k in range(size - 1):
-        acc += s[k]
-        trial = (acc - 1.0) / (k + 1)
-        if trial > s[k + 1]:
-            theta = trial
-            break
-    return np.maximum(y - theta, 0.0)
-
-
-def _np_step(c, grad):
-    p = grad - np.sum(grad) / len(grad)
-    down = [-c[k] / p[k] for k in range(len(c)) if p[k] < 0]
-    up = [(1.0 - c[k]) / p[k] for k in range(len(c)) if p[k] > 0]
-    down = [v for v in down if v > 1e-7]
-    up = [v for v in up if v > 1e-7]
-    t = 1.0
-    if down:
-        t = min(down)
-    if up:
-        t = min(t, min(up))
-    return _np_simplex(c + t * p)
-
-
-def _np_reference(m, rng=None, jitter=0.0, max_steps=100_000):
-    """Upstream algorithm in float64. With rng, adds +-jitter to every positive coordinate of
-    every projected point and iterate (a float32-sized disturbance) to probe knife edges."""
-    n = len(m)
-    if n == 1:
-        return np.ones(1)
-    best, dmin = None, np.inf
-    for i in range(n):
-        for j in range(i + 1, n):
-            gamma, d = _np_two_point(m[i, i], m[i, j], m[j, j])
-            if d < dmin:
-                best, dmin = (i, j, gamma), d
-    c = np.zeros(n)
-    c[best[0]], c[best[1]] = best[2], 1.0 - best[2]
-    if n < 3:
-        return c
-
-    def shake(v):
-        if rng is None:
-            return v
-        return np.where(v > 0, np.maximum(v + jitter * rng.uniform(-1, 1, n), 0.0), 0.0)
-
-    for _ in range(max_steps):
-        q = shake(_np_step(c, -m @ c))
-        gamma, _ = _np_two_point(c @ m @ c, c @ m @ q, q @ m @ q)
-        c_new = shake(gamma * c + (1.0 - gamma) * q)
-        if np.sum(np.abs(c_new - c)) < 1e-5:
-            return c
-        c = c_new
-    raise RuntimeError("transcription did not converge")
+def _np_reference(m, rng=None, jitter=0.0):
+    """The float64 transcription (tests/min_norm_reference.py), which must converge."""
+    return min_norm_reference.min_norm_weights(m, max_iter=100_000, strict=True, rng=rng,
+                                               jitter=jitter)
 
 
 # ------------------------------------------------------------------------------------------------

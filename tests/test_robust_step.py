@@ -15,11 +15,10 @@ import pytest
 from idguard_jax import channels, config
 from idguard_jax.data import datasets as data
 from idguard_jax.data import loader
-from idguard_jax.generator import perturb
 from idguard_jax.training import step as train
 from idguard_jax.training.frozen import init_frozen_random
-from idguard_jax.training.losses import branch_losses
 from idguard_jax.training.strategies import weights_from_values
+from test_train import naive_losses
 
 SPEC = "jpeg:60-90,resize:0.5-0.9,blur:0.3-1"
 
@@ -56,28 +55,6 @@ def test_robust_step_is_traced_once(faces, fast_compile):
     assert int(state.step) == 3
 
 
-def _naive_losses(setup, state, batch, frozen, channel, params, delta_p):
-    """L_k written the plain way, every image the targets see passed through `channel`."""
-    cfg = setup.cfg
-    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    x_adv, x_pri, _ = perturb(setup.generator, {"params": params, "batch_stats": state.batch_stats},
-                              delta_p, x, cfg.eps, train=True)
-    idn, idv = setup.identity, frozen.identity
-    out = []
-    for t in setup.targets:
-        tv = frozen.targets[t.name]
-        c = t.select(t.conditions(batch["labels"]), state.step % t.num_conditions)
-        o, f = jax.lax.stop_gradient(t.forward(tv, channel(x), c))
-        ido = jax.lax.stop_gradient(idn.features(idv, o))
-        total = 0.0
-        for xb in (x_adv, x_pri):
-            oa, fa = t.forward(tv, channel(xb), c)
-            total += branch_losses(cfg.loss, o, f, ido, oa, fa, idn.features(idv, oa),
-                                   batch["mask"].astype(jnp.float32), batch["heatmap"])["total"]
-        out.append(total)
-    return jnp.stack(out)
-
-
 def test_robust_gradients_equal_plain_autodiff_through_the_channel(faces, fast_compile):
     setup, state, frozen = _setup(robust=SPEC)
     state = state.replace(step=jnp.asarray(4, jnp.int32))
@@ -86,7 +63,7 @@ def test_robust_gradients_equal_plain_autodiff_through_the_channel(faces, fast_c
 
     def naive(params, delta_p):
         channel = channels.step_channel(SPEC, setup.cfg.seed, state.step, 2)
-        return _naive_losses(setup, state, batch, frozen, channel, params, delta_p)[0]
+        return naive_losses(setup, state, batch, frozen, params, delta_p, channel)[0]
     # kpi's lambda is a constant of the step: its value from the step's own KPI
     w, _ = weights_from_values("kpi", jnp.stack([g.metrics["stargan/kpi"]]), setup.alpha,
                                state.strategy_state)

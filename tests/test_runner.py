@@ -53,6 +53,9 @@ def test_refuses_to_train_over_an_existing_run(small_faces, tmp_path):
     with pytest.raises(ValueError, match="strategy"):
         _run(config.tiny(targets=("stargan",), num_steps=2, strategy="equal"), small_faces,
              tmp_path, resume=True)
+    with pytest.raises(ValueError, match="robust"):     # another lossy-channel spec
+        _run(config.tiny(targets=("stargan",), num_steps=2, robust="jpeg:75"), small_faces,
+             tmp_path, resume=True)
 
 
 def _cli(*args, cwd=REPO):

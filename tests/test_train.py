@@ -38,8 +38,9 @@ def _setup(**kw):
     return setup, state, frozen
 
 
-def _naive_losses(setup, state, batch, frozen, params, delta_p):
-    """Per-target L_k written the plain way: separate forwards, no vjp tricks, no batching."""
+def naive_losses(setup, state, batch, frozen, params, delta_p, channel=lambda a: a):
+    """Per-target L_k written the plain way: separate forwards, no vjp tricks, no batching;
+    every image the targets see passed through `channel` (tests/test_robust_step.py)."""
     cfg = setup.cfg
     x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
     x_adv, x_pri, _ = perturb(setup.generator, {"params": params, "batch_stats": state.batch_stats},
@@ -49,11 +50,11 @@ def _naive_losses(setup, state, batch, frozen, params, delta_p):
     for t in setup.targets:
         tv = frozen.targets[t.name]
         c = t.select(t.conditions(batch["labels"]), state.step % t.num_conditions)
-        o, f = jax.lax.stop_gradient(t.forward(tv, x, c))
+        o, f = jax.lax.stop_gradient(t.forward(tv, channel(x), c))
         ido = jax.lax.stop_gradient(idn.features(idv, o))
         total = 0.0
         for xb in (x_adv, x_pri):
-            oa, fa = t.forward(tv, xb, c)
+            oa, fa = t.forward(tv, channel(xb), c)
             total += branch_losses(cfg.loss, o, f, ido, oa, fa, idn.features(idv, oa),
                                    batch["mask"].astype(jnp.float32), batch["heatmap"])["total"]
         out.append(total)
@@ -78,7 +79,7 @@ def test_gradients_equal_plain_autodiff(faces, strategy):
     batch = _batch(faces)
     g = jax.jit(functools.partial(train.compute_gradients, setup))(state, batch, frozen)
     grads, w, metrics = g.grads, g.weights, g.metrics
-    naive = functools.partial(_naive_losses, setup, state, batch, frozen)
+    naive = functools.partial(naive_losses, setup, state, batch, frozen)
     L = jax.jit(naive)(state.params, state.delta_p)
     np.testing.assert_allclose([metrics["stargan/loss"], metrics["aggan/loss"]], L, rtol=1e-5)
     if strategy == "mgda":
@@ -163,7 +164,7 @@ def test_condition_is_step_mod_count(faces):
     for s in range(5):
         m = grads(state.replace(step=jnp.asarray(s + 5, jnp.int32)), batch, frozen).metrics
         per_cond.append(float(m["stargan/loss"]))
-        naive = _naive_losses(setup, state.replace(step=jnp.asarray(s, jnp.int32)), batch, frozen,
+        naive = naive_losses(setup, state.replace(step=jnp.asarray(s, jnp.int32)), batch, frozen,
                               state.params, state.delta_p)
         np.testing.assert_allclose(per_cond[-1], naive[0], rtol=1e-5)
     assert len(set(np.round(per_cond, 6))) > 1

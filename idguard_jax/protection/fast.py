@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from idguard_jax.generator import Generator, GeneratorConfig
-from ports.layers import clamp, reflect_pad
+from idguard_jax.generator import Generator, GeneratorConfig, generator_input, within_budget
+from ports.layers import conv_transpose, reflect_conv, reflect_pad
 
 __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "prepare", "protect_fast", "layer_names",
            "generator_output",
@@ -98,22 +98,6 @@ def fold_batchnorm(variables: dict, cfg: GeneratorConfig) -> dict:
 def _conv(x, kernel, stride: int, pad: int):
     return lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
                                     dimension_numbers=_DN)
-
-
-def _reflect_conv(x, kernel):
-    """ReflectionPad2d(k // 2) + conv k, as ports.layers.reflect_conv2d computes it (on CPU
-    zero padding + crop around the reflected input, its faster layout)."""
-    p = kernel.shape[0] // 2
-    h = reflect_pad(x, p)
-    if jax.default_backend() != "cpu":
-        return _conv(h, kernel, 1, 0)
-    return _conv(h, kernel, 1, p)[:, p:-p, p:-p, :]
-
-
-def _conv_transpose(x, kernel):
-    """torch ConvTranspose2d(k3, s2, p1, output_padding 1) as ports.layers.conv_transpose2d."""
-    return lax.conv_transpose(x, kernel, (2, 2), ((1, 2), (1, 2)), dimension_numbers=_DN,
-                              transpose_kernel=True)
 
 
 # ------------------------------------------------------------------------------ bfloat16 products
@@ -219,62 +203,51 @@ def matrix_layers(folded: dict, dtype: str = "bfloat16") -> dict:
 # ------------------------------------------------------------------------------ the forward
 
 
-def _forward_float32(layers: dict, g_in):
-    """The folded generator on g_in (B, H, W, 6) float32 -> pre-tanh (B, H, W, 3)."""
-    lin = lambda y, layer: y + layer["bias"]
-    h = jax.nn.selu(lin(_reflect_conv(g_in, layers["in"]["kernel"]), layers["in"]))
+def _forward(layers: dict, g_in):
+    """The folded generator on g_in (B, H, W, 6) float32 -> pre-tanh (B, H, W, 3): a layer
+    holding a 'matrix' (matrix_layers) is a bfloat16 product, one holding a 'kernel' a float32
+    convolution."""
+    def lin(y, layer):
+        return y + layer["bias"]
+
+    def conv(h, layer, matrix_form, kernel_form):
+        return lin(matrix_form(h, layer["matrix"]) if "matrix" in layer
+                   else kernel_form(h, layer["kernel"]), layer)
+
+    h = jax.nn.selu(lin(reflect_conv(g_in, layers["in"]["kernel"]), layers["in"]))
     for key in ("down1", "down2"):
-        h = jax.nn.selu(lin(_conv(h, layers[key]["kernel"], 2, 1), layers[key]))
+        h = jax.nn.selu(conv(h, layers[key], _down_conv_mm, lambda x, k: _conv(x, k, 2, 1)))
     for blk in layers["blocks"]:
-        r = jax.nn.relu(lin(_reflect_conv(h, blk["conv1"]["kernel"]), blk["conv1"]))
-        h = h + lin(_reflect_conv(r, blk["conv2"]["kernel"]), blk["conv2"])
+        r = jax.nn.relu(conv(h, blk["conv1"], _block_conv_mm, reflect_conv))
+        h = h + conv(r, blk["conv2"], _block_conv_mm, reflect_conv)
     for key in ("up1", "up2"):
-        h = jax.nn.selu(lin(_conv_transpose(h, layers[key]["kernel"]), layers[key]))
-    return lin(_reflect_conv(h, layers["out"]["kernel"]), layers["out"])
+        h = jax.nn.selu(conv(h, layers[key], _up_conv_mm,
+                             lambda x, k: conv_transpose(x, k, (2, 1, 1))))
+    return lin(reflect_conv(h, layers["out"]["kernel"]), layers["out"])
 
 
-def _forward_matrix(layers: dict, g_in):
-    """As _forward_float32, the 3x3 convs (transposed too) as bfloat16 products."""
-    lin = lambda y, layer: y + layer["bias"]
-    h = jax.nn.selu(lin(_reflect_conv(g_in, layers["in"]["kernel"]), layers["in"]))
-    for key in ("down1", "down2"):
-        layer = layers[key]
-        y = (_down_conv_mm(h, layer["matrix"]) if "matrix" in layer
-             else _conv(h, layer["kernel"], 2, 1))
-        h = jax.nn.selu(lin(y, layer))
-    for blk in layers["blocks"]:
-        r = jax.nn.relu(lin(_block_conv_mm(h, blk["conv1"]["matrix"]), blk["conv1"]))
-        h = h + lin(_block_conv_mm(r, blk["conv2"]["matrix"]), blk["conv2"])
-    for key in ("up1", "up2"):
-        h = jax.nn.selu(lin(_up_conv_mm(h, layers[key]["matrix"]), layers[key]))
-    return lin(_reflect_conv(h, layers["out"]["kernel"]), layers["out"])
-
-
-def _generator_output(layers: dict, delta_p, x, eps: float, dtype: str):
+def _generator_output(layers: dict, delta_p, x, eps: float):
     """tanh(G(cat(x, clamp(delta_p, +-eps)))) (B, S, S, 3) float32, before its clamp to eps."""
-    p = clamp(delta_p.astype(jnp.float32), -eps, eps)
-    g_in = jnp.concatenate([x, jnp.broadcast_to(p, x.shape)], axis=-1)
-    forward = _forward_float32 if dtype == "float32" else _forward_matrix
-    return jnp.tanh(forward(layers, g_in))
+    _, g_in = generator_input(delta_p, x, eps)
+    return jnp.tanh(_forward(layers, g_in))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "eps", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "eps"))
 def generator_output(layers: dict, delta_p: jax.Array, x: jax.Array, *, config: GeneratorConfig,
-                     eps: float, dtype: str = "float32") -> jax.Array:
+                     eps: float) -> jax.Array:
     """The perturbation before its clamp to +-eps (B, S, S, 3) float32 (what a check of how
     many values the clamp cuts needs); x (B, S, S, 3) in [-1, 1]."""
-    return _generator_output(layers, delta_p, x.astype(jnp.float32), eps, dtype)
+    return _generator_output(layers, delta_p, x.astype(jnp.float32), eps)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "eps", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "eps"))
 def protect_fast(layers: dict, delta_p: jax.Array, x: jax.Array, *, config: GeneratorConfig,
-                 eps: float, dtype: str = "float32") -> jax.Array:
+                 eps: float) -> jax.Array:
     """generator.protect_eval on prepared layers: x (B, S, S, 3) float in [-1, 1] -> x_adv
     (B, S, S, 3) float32, |x_adv - x| <= eps (the same clamps as generator.perturb). `layers`
     come from `prepare` (float32: fold_batchnorm's; bfloat16: matrix_layers')."""
     x = x.astype(jnp.float32)
-    g = _generator_output(layers, delta_p, x, eps, dtype)
-    return clamp(x + clamp(g, -eps, eps), -1.0, 1.0)
+    return within_budget(x, _generator_output(layers, delta_p, x, eps), eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,8 +260,7 @@ class FastGenerator:
     dtype: str = "float32"
 
     def __call__(self, x, eps: float) -> jax.Array:
-        return protect_fast(self.layers, self.delta_p, x, config=self.config, eps=eps,
-                            dtype=self.dtype)
+        return protect_fast(self.layers, self.delta_p, x, config=self.config, eps=eps)
 
 
 def prepare(gen: Generator, dtype: str = "float32") -> FastGenerator:

@@ -66,7 +66,7 @@ def clamped_share(gen: FastGenerator, faces_u8: np.ndarray, eps: float | None = 
     cut = total = 0
     for i in range(0, len(faces_u8), batch_size):
         g = np.asarray(generator_output(gen.layers, gen.delta_p, to_float(faces_u8[i:i + batch_size]),
-                                        config=gen.config, eps=eps, dtype=gen.dtype))
+                                        config=gen.config, eps=eps))
         cut += int((np.abs(g) >= eps).sum())
         total += g.size
     return cut / max(total, 1)

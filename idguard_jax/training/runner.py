@@ -39,7 +39,9 @@ __all__ = ["fit", "missing_inputs", "data_mesh", "shard_batch", "replicate", "pr
 
 # Fields that must agree between a run and the checkpoint it resumes.
 _RESUME_FIELDS = ("image_size", "batch_size", "ngf", "n_blocks", "eps", "targets", "strategy",
-                  "seed", "identity", "dtype")
+                  "seed", "identity", "dtype", "robust")
+# A field a checkpoint's saved config lacks (saved before the field existed) had its default.
+_FIELD_DEFAULTS = {f: getattr(TrainConfig, f, None) for f in _RESUME_FIELDS}
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -187,7 +189,8 @@ def _initial_state(setup, cfg: TrainConfig, ckpt: RunCheckpointer, record: dict,
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"--resume: {ckpt.directory} holds no checkpoint")
         state, saved = ckpt.restore(jax.tree.map(jnp.asarray, state))
-        diff = [f for f in _RESUME_FIELDS if saved["config"].get(f) != record["config"].get(f)]
+        diff = [f for f in _RESUME_FIELDS if saved["config"].get(f, _FIELD_DEFAULTS[f])
+                != record["config"].get(f, _FIELD_DEFAULTS[f])]
         if diff:
             raise ValueError(f"--resume: {workdir} was trained with other settings for "
                              f"{', '.join(diff)}; use the same settings or another workdir")

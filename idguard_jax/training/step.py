@@ -23,8 +23,8 @@ One step (paper eq. 12, the reference's `solver.py::train_batch`) composes these
      maximising sum_k lambda_k L_k.
 `compute_gradients` is 1-4; `train_step` is 1-5. A variant of the step (experiments/ablations.py)
 passes its own forward, condition loss or gradient function into these pieces. With cfg.robust
-(off by default) compute_gradients composes the same pieces with a lossy channel sampled per
-image (`step_channel`) between G and the targets, and applied to x for the clean pass.
+(off by default) a lossy channel sampled per image (`step_channel`) stands between G and the
+targets (`through_channel`) and is applied to x for the clean pass.
 """
 from __future__ import annotations
 
@@ -355,13 +355,18 @@ class Gradients(NamedTuple):
 
 
 def compute_gradients(setup: Setup, state: TrainState, batch: dict, frozen: Frozen) -> Gradients:
-    """Steps 1-4 on a batch (read_batch says what it holds)."""
+    """Steps 1-4 on a batch (read_batch says what it holds). With cfg.robust (expectation over
+    transformations) the targets see x, x_adv and x_pri through this step's sampled channel
+    (the clean outputs from the channel applied to x, as the evaluation passes both images
+    through the operation); G still sees x itself."""
     inputs = read_batch(batch)
-    if setup.cfg.robust:   # EOT: the targets see x, x_adv and x_pri through one sampled channel
-        return _robust_gradients(setup, state, inputs, frozen)
-    clean = clean_pass(setup, frozen, inputs, state.step)
+    channel = step_channel(setup, state.step, inputs.x.shape[0]) if setup.cfg.robust else None
+    seen = inputs if channel is None else inputs._replace(x=channel(inputs.x))
+    clean = clean_pass(setup, frozen, seen, state.step)
     gen = generator_pass(setup, state, inputs.x)
-    per_target = target_gradients(setup, frozen, inputs, clean, *gen.images)
+    if channel is not None:
+        gen = through_channel(gen, channel)
+    per_target = target_gradients(setup, frozen, seen, clean, *gen.images)
     w, grads, strategy_state = weigh_tasks(setup, state, gen.vjp, per_target.g_adv,
                                            per_target.g_pri, per_target.kpi)
     return Gradients(grads, gen.batch_stats, strategy_state, w,
@@ -383,22 +388,6 @@ def through_channel(gen: GeneratorPass, channel: Callable) -> GeneratorPass:
         (x_adv, x_pri), stats = gen.fn(params, delta_p)
         return (channel(x_adv), channel(x_pri)), stats
     return gen._replace(fn=fn, images=images, vjp=lambda ct: gen.vjp(channel_vjp(ct)))
-
-
-def _robust_gradients(setup: Setup, state: TrainState, inputs: Inputs,
-                      frozen: Frozen) -> Gradients:
-    """compute_gradients with expectation over transformations (cfg.robust): the clean outputs
-    come from the channel applied to x, as the evaluation passes both images through the
-    operation; G still sees x itself."""
-    channel = step_channel(setup, state.step, inputs.x.shape[0])
-    seen = inputs._replace(x=channel(inputs.x))
-    clean = clean_pass(setup, frozen, seen, state.step)
-    gen = through_channel(generator_pass(setup, state, inputs.x), channel)
-    per_target = target_gradients(setup, frozen, seen, clean, *gen.images)
-    w, grads, strategy_state = weigh_tasks(setup, state, gen.vjp, per_target.g_adv,
-                                           per_target.g_pri, per_target.kpi)
-    return Gradients(grads, gen.batch_stats, strategy_state, w,
-                     task_metrics(setup, w, per_target.losses, per_target.auxes))
 
 
 def apply_gradients(setup: Setup, state: TrainState, gradients: Gradients) -> TrainState:

@@ -35,6 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# MinNormSolver (float64 NumPy); upstream has no effective iteration cap (its counter never
+# moves): min_norm_weights' cap only stops a loop that would never end.
+from min_norm_reference import min_norm_weights
+
 from .stargan import manipulate as stargan_manipulate
 from .vggface import VggFace, denorm, resize_image
 
@@ -52,11 +56,6 @@ _ALPHA_EPS = 1e-6
 _NORM_EPS = 1e-7
 _CAM_SIZE = 224
 
-# MinNormSolver's constants; upstream has no effective iteration cap (its counter never moves):
-# this one only stops a loop that would never end.
-_STOP_CRIT = 1e-5
-_STEP_EPS = 1e-7
-_MAX_ITER = 10_000
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,70 +217,6 @@ def gram_matrix(task_grads: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
             m[i, j] = m[j, i] = sum(float(torch.sum(a * b))
                                     for a, b in zip(task_grads[i], task_grads[j]))
     return m
-
-
-def _two_point(v11: float, v12: float, v22: float) -> tuple[float, float]:
-    """min over gamma in [0, 1] of ||gamma x1 + (1 - gamma) x2||^2: (gamma, squared norm), the
-    end points reported as 0.999 / 0.001."""
-    if v12 >= v11:
-        return 0.999, v11
-    if v12 >= v22:
-        return 0.001, v22
-    gamma = (v22 - v12) / (v11 + v22 - 2.0 * v12)
-    return gamma, v22 + gamma * (v12 - v22)
-
-
-def _projection_to_simplex(y: np.ndarray) -> np.ndarray:
-    s = np.sort(y)[::-1]
-    theta = (np.sum(y) - 1.0) / len(y)
-    partial = 0.0
-    for i in range(len(y) - 1):
-        partial += s[i]
-        candidate = (partial - 1.0) / (i + 1)
-        if candidate > s[i + 1]:
-            theta = candidate
-            break
-    return np.maximum(y - theta, 0.0)
-
-
-def _next_point(c: np.ndarray, grad: np.ndarray) -> np.ndarray:
-    p = grad - np.mean(grad)
-    t = 1.0
-    to_zero = -c[p < 0] / p[p < 0]
-    to_one = (1.0 - c[p > 0]) / p[p > 0]
-    if np.any(to_zero > _STEP_EPS):
-        t = float(np.min(to_zero[to_zero > _STEP_EPS]))
-    if np.any(to_one > _STEP_EPS):
-        t = min(t, float(np.min(to_one[to_one > _STEP_EPS])))
-    return _projection_to_simplex(c + t * p)
-
-
-def min_norm_weights(gram: np.ndarray) -> np.ndarray:
-    """`MinNormSolver.find_min_norm_element` on a Gram matrix: the best pair by the two-point
-    rule, then (3+ tasks) projected-gradient steps with an exact line search until the L1
-    change is below 1e-5, returning the point BEFORE that last step."""
-    n = len(gram)
-    if n == 1:
-        return np.ones(1)
-    best = None
-    for i in range(n):
-        for j in range(i + 1, n):
-            gamma, cost = _two_point(gram[i, i], gram[i, j], gram[j, j])
-            if best is None or cost < best[0]:
-                best = (cost, i, j, gamma)
-    _, i, j, gamma = best
-    c = np.zeros(n)
-    c[i], c[j] = gamma, 1.0 - gamma
-    if n < 3:
-        return c
-    for _ in range(_MAX_ITER):
-        q = _next_point(c, -gram @ c)
-        gamma, _ = _two_point(c @ gram @ c, c @ gram @ q, q @ gram @ q)
-        new = gamma * c + (1.0 - gamma) * q
-        if np.sum(np.abs(new - c)) < _STOP_CRIT:
-            return c
-        c = new
-    return c
 
 
 # ------------------------------------------------------------------------------------------
