@@ -1,12 +1,14 @@
-"""ports.layers.ConvTranspose2d: flax's ConvTranspose numbers, forward and gradients, with the
-sub-pixel kernel gradient XLA:CPU runs fast; the sub-pixel form itself."""
+"""ports.layers' CPU fast paths: ConvTranspose2d (flax's ConvTranspose numbers, forward and
+gradients, through the sub-pixel form) and strided conv2d (nn.Conv's numbers, its input
+gradient through space-to-depth); the two forms themselves."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
-from ports.layers import conv_transpose, conv_transpose2d, conv_transpose_subpixel
+from ports.layers import (conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
+                          conv_transpose_subpixel)
 
 # (kernel, padding, output_padding): the generator's, StarGAN/RelGAN's, and two odd ones.
 GEOMETRIES = [(3, 1, 1), (4, 1, 0), (4, 2, 0), (5, 2, 1)]
@@ -15,6 +17,17 @@ GEOMETRIES = [(3, 1, 1), (4, 1, 0), (4, 2, 0), (5, 2, 1)]
 def _flax_reference(features, k, p, op):
     return nn.ConvTranspose(features, (k, k), strides=(2, 2),
                             padding=((k - 1 - p, k - 1 - p + op),) * 2, transpose_kernel=True)
+
+
+def _assert_same_gradients(ours, ref, variables, x):
+    """Gradients of sum(sin(module(x))) w.r.t. the variables and x agree to 1e-5 of scale."""
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+    got = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    want = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))))
 
 
 @pytest.mark.parametrize("k,p,op", GEOMETRIES)
@@ -37,15 +50,11 @@ def test_conv_transpose_matches_flax_forward_and_gradients(k, p, op):
     variables = jax.tree.map(lambda a: a + 0.1, variables)     # a nonzero bias too
     assert (jax.tree.map(jnp.shape, variables)
             == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x)))
-    np.testing.assert_array_equal(ours.apply(variables, x), ref.apply(variables, x))
+    want = ref.apply(variables, x)
+    np.testing.assert_allclose(ours.apply(variables, x), want,
+                               atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
-    def loss(module):
-        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
-
-    got = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
-    want = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+    _assert_same_gradients(ours, ref, variables, x)
 
 
 def test_conv_transpose_gradient_under_vmap():
@@ -58,3 +67,52 @@ def test_conv_transpose_gradient_under_vmap():
     mapped = jax.vmap(vjp)(cts)[0]["params"]["kernel"]
     for i in range(3):
         np.testing.assert_allclose(mapped[i], vjp(cts[i])[0]["params"]["kernel"], rtol=1e-6)
+
+
+# (kernel, stride, padding, input size): StarGAN/RelGAN's k4 s2, ArcFace's k3 s2 and 1x1 s2,
+# odd sizes (rows the direct conv never reads), a stride 3.
+STRIDED = [(4, 2, 1, 8), (3, 2, 1, 8), (1, 2, 0, 7), (3, 2, 1, 7), (4, 2, 1, 9), (5, 3, 2, 10)]
+
+
+def _direct(x, kernel, s, p):
+    return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("k,s,p,n", STRIDED)
+def test_space_to_depth_form_equals_the_direct_conv(k, s, p, n):
+    rng = np.random.default_rng(k * 7 + n)
+    x = jnp.asarray(rng.standard_normal((2, n, n + 1, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 3, 4)), jnp.float32)
+    want = _direct(x, kernel, s, p)
+    got = conv_space_to_depth(x, kernel, ((s, s), ((p, p), (p, p))))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("k,s,p,n", STRIDED)
+def test_strided_conv2d_matches_flax_conv_forward_and_gradients(k, s, p, n):
+    rng = np.random.default_rng(k * 11 + n)
+    x = jnp.asarray(rng.standard_normal((2, n, n, 5)), jnp.float32)
+    ours = conv2d(6, k, s, p, bias=True)
+    ref = nn.Conv(6, (k, k), strides=(s, s), padding=((p, p), (p, p)))
+    variables = jax.tree.map(lambda a: a + 0.1, ours.init(jax.random.key(0), x))
+    assert (jax.tree.map(jnp.shape, variables)
+            == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x)))
+    np.testing.assert_array_equal(ours.apply(variables, x), ref.apply(variables, x))
+
+    _assert_same_gradients(ours, ref, variables, x)
+
+
+def test_strided_conv2d_gradient_under_vmap():
+    """The step maps a target's forward over its conditions; MGDA maps vjps over tasks."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 4)), jnp.float32)
+    m = conv2d(5, 4, 2, 1, bias=False)
+    v = m.init(jax.random.key(0), x[0])
+
+    def loss(x):
+        return jnp.sum(jnp.sin(m.apply(v, x)))
+    mapped = jax.vmap(jax.grad(loss))(x)
+    for i in range(3):
+        np.testing.assert_allclose(mapped[i], jax.grad(loss)(x[i]), rtol=1e-5, atol=1e-6)
