@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from idguard_jax.generator import Generator, GeneratorConfig, generator_input, within_budget
-from ports.layers import conv_transpose, reflect_conv, reflect_pad
+from ports.layers import conv_transpose_fast, reflect_conv, reflect_pad
 
 __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "prepare", "protect_fast", "layer_names",
            "generator_output",
@@ -222,7 +222,7 @@ def _forward(layers: dict, g_in):
         h = h + conv(r, blk["conv2"], _block_conv_mm, reflect_conv)
     for key in ("up1", "up2"):
         h = jax.nn.selu(conv(h, layers[key], _up_conv_mm,
-                             lambda x, k: conv_transpose(x, k, (2, 1, 1))))
+                             lambda x, k: conv_transpose_fast(x, k, (2, 1, 1))))
     return lin(reflect_conv(h, layers["out"]["kernel"]), layers["out"])
 
 
