@@ -108,8 +108,9 @@ def conv_space_to_depth(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax
 
 
 def _with_gradients_of(forward: Callable, dx_form: Callable, dk_form: Callable) -> Callable:
-    """forward(x, kernel, geometry) whose gradient w.r.t. x is dx_form's and w.r.t. kernel is
-    dk_form's (the same function computed another way: the one XLA:CPU runs fast)."""
+    """forward(x, kernel, geometry), a convolution (linear in x and in kernel), whose gradient
+    w.r.t. x is dx_form's and w.r.t. kernel is dk_form's (the same function computed another
+    way: the one XLA:CPU runs fast). The gradients are linear transposes: no forward reruns."""
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def fn(x, kernel, geometry):
         return forward(x, kernel, geometry)
@@ -119,8 +120,8 @@ def _with_gradients_of(forward: Callable, dx_form: Callable, dk_form: Callable) 
 
     def fn_bwd(geometry, residuals, g):
         x, kernel = residuals
-        _, dx = jax.vjp(lambda x_: dx_form(x_, kernel, geometry), x)
-        _, dk = jax.vjp(lambda k_: dk_form(x, k_, geometry), kernel)
+        dx = jax.linear_transpose(lambda x_: dx_form(x_, kernel, geometry), x)
+        dk = jax.linear_transpose(lambda k_: dk_form(x, k_, geometry), kernel)
         return dx(g)[0], dk(g)[0]
 
     fn.defvjp(fn_fwd, fn_bwd)
@@ -243,44 +244,51 @@ def _subpixel_taps(kernel_size: int, stride: int, padding: int) -> tuple[int, np
     return u_min, taps
 
 
+def _subpixel_geometry(x_shape: tuple, kernel_shape: tuple, geometry: tuple):
+    """(output sizes, stride-1 conv pads, u_min, taps) of `conv_transpose_subpixel`, or None
+    where it cannot compute the geometry (an output not a multiple of the stride, cropping)."""
+    stride, padding, output_padding = geometry
+    k = kernel_shape[0]
+    u_min, taps = _subpixel_taps(k, stride, padding)
+    outs, pads = [], []
+    for n in x_shape[1:3]:
+        out = (n - 1) * stride - 2 * padding + k + output_padding
+        pair = (-u_min, out // stride + u_min + taps.shape[0] - 1 - n)
+        if out % stride or min(pair) < 0:
+            return None
+        outs.append(out)
+        pads.append(pair)
+    return outs, pads, u_min, taps
+
+
+def subpixel_fits(x_shape: tuple, kernel_shape: tuple, geometry: tuple) -> bool:
+    """Whether `conv_transpose_subpixel` computes this geometry."""
+    return _subpixel_geometry(x_shape, kernel_shape, geometry) is not None
+
+
 def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
     """`conv_transpose` as ONE stride-1 convolution to stride^2 * O channels followed by
     depth-to-space (the sub-pixel form): the same numbers to float32 rounding, and on XLA:CPU
     every gradient of it is an ordinary convolution. x (B, H, W, I); kernel (k, k, O, I) as
-    `ConvTranspose2d` holds it; the output size must be a multiple of the stride."""
-    stride, padding, output_padding = geometry
+    `ConvTranspose2d` holds it; the output size must be a multiple of the stride and need no
+    cropping (`subpixel_fits`)."""
+    stride = geometry[0]
     k, _, o, i = kernel.shape
-    b, h, w, _ = x.shape
-    out_h, out_w = [(n - 1) * stride - 2 * padding + k + output_padding for n in (h, w)]
-    if out_h % stride or out_w % stride:
-        raise ValueError(f"conv_transpose_subpixel: output {out_h}x{out_w} is not a multiple "
-                         f"of stride {stride}")
-    u_min, taps = _subpixel_taps(k, stride, padding)
+    b = x.shape[0]
+    fit = _subpixel_geometry(x.shape, kernel.shape, geometry)
+    if fit is None:
+        raise ValueError(f"conv_transpose_subpixel: geometry {geometry} on input {x.shape[1:3]} "
+                         "gives an output not a multiple of the stride or needs cropping; use "
+                         "the direct form")
+    (out_h, out_w), pads, _, taps = fit
     ku = taps.shape[0]
     padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))     # index k: the zero tap
     sub = padded[taps[:, None, :, None], taps[None, :, None, :]]    # (ku, ku, s, s, O, I)
     sub = jnp.transpose(sub, (0, 1, 5, 2, 3, 4)).reshape(ku, ku, i, stride * stride * o)
     m_h, m_w = out_h // stride, out_w // stride
-    pads = [(-u_min, m + u_min + ku - 1 - n) for m, n in ((m_h, h), (m_w, w))]
-    if min(p for pair in pads for p in pair) < 0:
-        raise ValueError("conv_transpose_subpixel: geometry needs cropping; use the direct form")
-    y = jax.lax.conv_general_dilated(x, sub, (1, 1), pads,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(x, sub, (1, 1), pads, dimension_numbers=_NHWC)
     y = y.reshape(b, m_h, m_w, stride, stride, o)
     return jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(b, out_h, out_w, o)
-
-
-def subpixel_fits(x_shape: tuple, kernel_shape: tuple, geometry: tuple) -> bool:
-    """Whether `conv_transpose_subpixel` computes this geometry (output a multiple of the
-    stride, no cropping)."""
-    stride, padding, output_padding = geometry
-    k = kernel_shape[0]
-    u_min, taps = _subpixel_taps(k, stride, padding)
-    for n in x_shape[1:3]:
-        out = (n - 1) * stride - 2 * padding + k + output_padding
-        if out % stride or -u_min < 0 or out // stride + u_min + taps.shape[0] - 1 - n < 0:
-            return False
-    return True
 
 
 def conv_transpose_fast(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:

@@ -116,3 +116,16 @@ def test_strided_conv2d_gradient_under_vmap():
     mapped = jax.vmap(jax.grad(loss))(x)
     for i in range(3):
         np.testing.assert_allclose(mapped[i], jax.grad(loss)(x[i]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU fast paths")
+def test_no_input_dilated_convolution_left_in_the_gradients():
+    """XLA:CPU's slow path: neither layer's forward nor gradients may dilate an input (the
+    fast forms would otherwise fall back silently and only the speed would show it)."""
+    x = jnp.ones((2, 8, 8, 4), jnp.float32)
+    for m in (conv2d(6, 4, 2, 1, bias=False), conv_transpose2d(6, 4, 2, 1, bias=False)):
+        v = m.init(jax.random.key(0), x)
+        grads = jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1))
+        text = str(jax.make_jaxpr(grads)(v, x))
+        assert "conv_general_dilated" in text
+        assert "lhs_dilation=(2, 2)" not in text, text
