@@ -54,10 +54,18 @@ calls, each call synchronised with jax.block_until_ready. Per measurement (JSON 
               best_torch_same_dtype_over_this, max_abs_diff_vs_torch_float32
   components  with --against torch --components: each piece of our step jitted alone at the
               step's shapes and the reference step's sections (perf_counter), side by side
+  robust_step with --robust SPEC, per (dtype, strategy): the step plain and with robust=SPEC
+              (the EOT channels of idguard_jax.channels), compiled, then timed round-robin:
+              'plain' and 'robust_run' (each train_step's fields), time_vs_plain (median) and
+              min_time_vs_plain
   ablation    with --ablations: the step with each waste of the reference put back
               (experiments/ablations.py; same losses and gradients), its step_s and the ratio to
               ours (median and minimum), timed in the same process round-robin (one call of
               each variant per round) so that a shared machine's load falls on all alike.
+
+The device record names the host allocator: 'retained' (idguard_jax.host_memory, what every
+command line sets) or 'system' (IDGUARD_HOST_MALLOC=system); under --against torch it holds for
+both sides.
 
 Targets, the generator and the identity network carry RANDOM weights (speed does not depend on
 the values; 'auto' identity becomes an ArcFace-sized random network). Nothing is asserted. Only
@@ -73,6 +81,8 @@ import os
 import statistics
 import sys
 import time
+
+from idguard_jax import host_memory
 
 MEMORY_GIB = (16, 24, 40, 80, 141)
 
@@ -169,6 +179,21 @@ def measure(jitted, args: tuple, images: int, repeats: int, warmup: int,
         call()
         times.append(time.perf_counter() - t)
     return _timed(record, times, images)
+
+
+def round_robin(calls: list, repeats: int, warmup: int) -> list[list[float]]:
+    """Seconds of each of `calls` per round, after `warmup` calls of each: one call of every
+    one per round, so that a shared machine's load falls on all alike."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times = [[] for _ in calls]
+    for _ in range(max(repeats, 1)):
+        for call, ts in zip(calls, times):
+            t = time.perf_counter()
+            call()
+            ts.append(time.perf_counter() - t)
+    return times
 
 
 def random_batch(cfg, batch_size: int | None = None, seed: int = 0) -> dict:
@@ -338,23 +363,16 @@ def bench_ablations(cfg, repeats: int, warmup: int, vgg_widths: str,
     variants += [(w, frozenset([w])) for w in (only or wastes_here)]
     if not only:
         variants.append(("reference", frozenset(wastes_here)))
-    # Compile every variant, then time them round-robin, so that load from other processes on
-    # a shared machine falls on all of them alike.
+    # Compile every variant, then time them round-robin.
     prepared = []
     for name, wastes in variants:
         state = jax.tree.map(lambda a: a.copy(), state0)   # donated by the step
         step = ablations.make_step(setup, wastes, vgg) if wastes else train.make_train_step(setup)
         record, call = prepare(step, (state, batch, frozen), carry_first=True)
-        for _ in range(warmup):
-            call()
-        prepared.append((name, wastes, record, call, []))
-    for _ in range(max(repeats, 1)):
-        for *_, call, times in prepared:
-            t = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t)
+        prepared.append((name, wastes, record, call))
+    times = round_robin([call for *_, call in prepared], repeats, warmup)
     out = []
-    for name, wastes, record, _, times in prepared:
+    for (name, wastes, record, _), times in zip(prepared, times):
         r = _timed(record, times, cfg.batch_size)
         if not out:
             ours = r
@@ -365,6 +383,31 @@ def bench_ablations(cfg, repeats: int, warmup: int, vgg_widths: str,
                     "time_vs_ours": round(r["step_s"] / ours["step_s"], 3),
                     "min_time_vs_ours": round(r["step_s_min"] / ours["step_s_min"], 3)})
     return out
+
+
+def bench_robust(cfg, spec: str, repeats: int, warmup: int) -> dict:
+    """The step plain and with `robust=spec` (its images through the differentiable channels,
+    idguard_jax.channels), both the library's, compiled first and timed round-robin: each
+    one's figures and robust time / plain time (median and minimum)."""
+    import jax
+
+    from idguard_jax.training import step as train
+
+    batch = jax.device_put(random_batch(cfg))
+    records, calls = [], []
+    for robust in ("", spec):
+        setup, state, frozen = _train_inputs(dataclasses.replace(cfg, robust=robust))
+        record, call = prepare(train.make_train_step(setup), (state, batch, frozen),
+                               carry_first=True)
+        records.append(record)
+        calls.append(call)
+    plain, robust = (_timed(r, t, cfg.batch_size)
+                     for r, t in zip(records, round_robin(calls, repeats, warmup)))
+    return {"bench": "robust_step", "robust": spec, "strategy": cfg.strategy,
+            "dtype": cfg.dtype, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+            "targets": list(cfg.targets), "plain": plain, "robust_run": robust,
+            "time_vs_plain": round(robust["step_s"] / plain["step_s"], 3),
+            "min_time_vs_plain": round(robust["step_s_min"] / plain["step_s_min"], 3)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -410,6 +453,10 @@ def _parser() -> argparse.ArgumentParser:
                    "train batch) against the PyTorch reference's (tests/torch_reference) on "
                    "the same random weights, in this process, round-robin; prints reference "
                    "time / our time (experiments/anchor.py)")
+    p.add_argument("--robust", default=None, metavar="SPEC",
+                   help="also time the step with --set robust=SPEC (e.g. "
+                        "jpeg:70-95,resize:0.5-1,blur:0-1) against the plain one, round-robin, "
+                        "per strategy and dtype")
     p.add_argument("--components", action="store_true",
                    help="with --against torch: also each piece of our step jitted alone and "
                    "the reference step's sections, side by side")
@@ -465,7 +512,7 @@ def _device_record(size: str) -> dict:
     dev = jax.devices()[0]
     return {"bench": "device", "device": str(dev), "kind": dev.device_kind,
             "platform": dev.platform, "count": len(jax.devices()), "jax": jax.__version__,
-            "size": size}
+            "size": size, "host_malloc": "retained" if host_memory.retained() else "system"}
 
 
 def _per_dtype_sections(args, base, skip: set, emit) -> None:
@@ -476,8 +523,10 @@ def _per_dtype_sections(args, base, skip: set, emit) -> None:
     for dtype in args.dtypes.split(","):
         if "train" not in skip:
             for strategy in args.strategies.split(","):
-                emit(bench_train(dataclasses.replace(base, strategy=strategy, dtype=dtype),
-                                 args.repeats, args.warmup))
+                cfg = dataclasses.replace(base, strategy=strategy, dtype=dtype)
+                emit(bench_train(cfg, args.repeats, args.warmup))
+                if args.robust:
+                    emit(bench_robust(cfg, args.robust, args.repeats, args.warmup))
         cfg = dataclasses.replace(base, dtype=dtype)
         if "protect" not in skip:
             for pb in protect_batches:
@@ -572,10 +621,15 @@ def _print_anchor_summary(results: list[dict]) -> None:
         if r["bench"] == "components":
             lines.append("")
             lines.append(r["table"])
-    if len(lines) > 2:
+        if r["bench"] == "device":
+            lines.insert(0, f"both sides in one process, host malloc {r['host_malloc']} "
+                            f"(idguard_jax.host_memory; {host_memory.ENV}=system for glibc's "
+                            "default)")
+    if len(lines) > 3:
         print("\n".join(lines), file=sys.stderr)
 
 
+@host_memory.command
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)
@@ -592,6 +646,13 @@ def main(argv=None) -> int:
 
     if args.components and args.against != "torch":
         p.error("--components needs --against torch")
+    if args.robust is not None:
+        if args.against or "train" in skip:
+            p.error("--robust times our train step: not with --against or --skip train")
+        try:
+            dataclasses.replace(base, robust=args.robust)
+        except ValueError as e:          # names robust= and the part at fault
+            p.error(f"--robust: {e}")
     emit(_device_record(args.size))
     if args.against == "torch":
         _torch_anchor_sections(args, base, skip, emit)

@@ -24,6 +24,8 @@ import os
 import sys
 import tempfile
 
+from idguard_jax import host_memory
+
 BAR = 0.999
 
 
@@ -155,6 +157,7 @@ def _print(result, stream) -> None:
                   f"changed", file=stream)
 
 
+@host_memory.command
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if not args.photos and not args.aligned:

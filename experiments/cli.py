@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from idguard_jax import host_memory
+
 # command -> (module with main(argv), one line of help)
 COMMANDS = {
     "protect": ("experiments.protect", "protect the faces in your photos"),
@@ -25,6 +27,7 @@ COMMANDS = {
 }
 
 
+@host_memory.command
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

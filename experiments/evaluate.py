@@ -32,6 +32,7 @@ import os
 import sys
 import time
 
+from idguard_jax import host_memory
 from idguard_jax.networks.targets import PAPER_TARGETS, TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
@@ -103,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=int, default=10, help="steps of disrupting and pgd")
     p.add_argument("--no-misdirection", action="store_true",
                    help="skip the dlib face-recognition misdirection rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the random stand-in targets without --weights (the same networks "
+                        "the demo trains against with --set seed=S) and the baselines' noise")
     return p
 
 
@@ -202,6 +205,7 @@ def _config(args, methods, target_names, generators):
         seed=args.seed, pg_ngf=args.pg_ngf, pg_blocks=args.pg_blocks, baselines=baselines)
 
 
+@host_memory.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     methods = list(dict.fromkeys(args.method or ["idguard"]))

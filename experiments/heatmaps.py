@@ -21,6 +21,8 @@ import argparse
 import os
 import sys
 
+from idguard_jax import host_memory
+
 __all__ = ["main", "build_parser"]
 
 _NETWORK = "vggface"
@@ -87,6 +89,7 @@ def _run(args: argparse.Namespace) -> str:
     return f"wrote {written} heatmaps to {args.out_dir} ({had} were already there)"
 
 
+@host_memory.command
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)

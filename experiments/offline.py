@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from idguard_jax import host_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
 WORKDIR = os.path.join("runs", "offline")
@@ -228,6 +230,7 @@ def _enlarge(src: str, dst: str) -> str:
     return dst
 
 
+@host_memory.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:

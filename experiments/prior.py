@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from idguard_jax import host_memory
+
 
 __all__ = ["main", "build_parser"]
 
@@ -232,6 +234,7 @@ def _compute(args) -> int:
     return 0
 
 
+@host_memory.command
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 user error)."""
     parser = build_parser()

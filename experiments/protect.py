@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+from idguard_jax import host_memory
+
 
 # --format choices -> PIL format names (None: each photo's own)
 FORMATS = {"same": None, "png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP",
@@ -253,6 +255,7 @@ def _protect(args, gen, todo, timer=None) -> tuple[list, float, int]:
     return outcomes, time.perf_counter() - t0, status
 
 
+@host_memory.command
 def main(argv=None) -> int:
     args = parser().parse_intermixed_args(argv)
     try:

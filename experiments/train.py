@@ -26,6 +26,8 @@ import dataclasses
 import os
 import sys
 
+from idguard_jax import host_memory
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
 # where experiments/offline.py target puts its split and its trained target(s)
@@ -131,15 +133,13 @@ def _open_faces(cfg, data_dir: str, workdir: str):
 
 def _frozen(cfg, args):
     """The targets' and identity network's weights: random for the demo, else --weights."""
-    import jax
-
     from idguard_jax.training import frozen as frozen_lib
 
     if cfg.identity == "standin":
         _note("the identity network is a RANDOM stand-in (--set identity=arcface for the "
               "paper's)")
     if args.config == "demo":
-        return frozen_lib.init_frozen_demo(cfg, jax.random.key(cfg.seed + 1), args.weights)
+        return frozen_lib.init_frozen_demo(cfg, args.weights)
     return frozen_lib.load_frozen(cfg, args.weights)
 
 
@@ -194,6 +194,7 @@ def _delta_p(cfg, prior: str | None):
     return load_prior(prior, cfg.image_size)
 
 
+@host_memory.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.distributed:   # before any other JAX work

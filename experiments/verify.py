@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from idguard_jax import host_memory
 from idguard_jax.networks.targets import PAPER_TARGETS, TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
@@ -95,6 +96,7 @@ def _print_table(m: dict, rows: list[dict], random_targets: bool) -> None:
           f"(L2_face > 0.05 and identity destroyed: {m['judge']})")
 
 
+@host_memory.command
 def main(argv=None) -> int:
     args = parser().parse_intermixed_args(argv)
     problem = _check_args(args)

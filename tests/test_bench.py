@@ -160,3 +160,24 @@ def test_unknown_waste_is_refused():
     setup = train.create_setup(cfg)
     with pytest.raises(ValueError, match="unknown wastes"):
         ablations.compute_gradients(setup, None, {}, {}, frozenset(["nope"]))
+
+
+def test_robust_section_times_both_steps(fast_compile):
+    """--robust SPEC: the plain and the robust step, each compiled and timed in one run; the
+    robust one does more work (the channels are in its program)."""
+    cfg = config.tiny(targets=("stargan",))
+    r = bench.bench_robust(cfg, "jpeg:70-95,blur:0-1", repeats=1, warmup=0)
+    assert r["bench"] == "robust_step" and r["robust"] == "jpeg:70-95,blur:0-1"
+    for run in (r["plain"], r["robust_run"]):
+        assert run["step_s"] > 0 and run["compile_s"] > 0
+    np.testing.assert_allclose(r["time_vs_plain"],
+                               r["robust_run"]["step_s"] / r["plain"]["step_s"], rtol=1e-2)
+    assert r["robust_run"]["flops_per_step"] > r["plain"]["flops_per_step"]
+
+
+@pytest.mark.parametrize("argv", [["--robust", "jpeg:200"],
+                                  ["--robust", "jpeg:75", "--skip", "train"]])
+def test_robust_option_is_checked_first(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tiny", *argv])
+    assert e.value.code == 2 and "--robust" in capsys.readouterr().err

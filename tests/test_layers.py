@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ports.layers import (conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
-                          conv_transpose_subpixel)
+from ports.layers import (conv2d, conv3x3_winograd, conv_space_to_depth, conv_transpose,
+                          conv_transpose2d, conv_transpose_subpixel, winograd_kernel)
 
 # (kernel, padding, output_padding): the generator's, StarGAN/RelGAN's, and two odd ones.
 GEOMETRIES = [(3, 1, 1), (4, 1, 0), (4, 2, 0), (5, 2, 1)]
@@ -129,3 +129,21 @@ def test_no_input_dilated_convolution_left_in_the_gradients():
         text = str(jax.make_jaxpr(grads)(v, x))
         assert "conv_general_dilated" in text
         assert "lhs_dilation=(2, 2)" not in text, text
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5, 7), (1, 4, 4, 16, 3)])
+def test_winograd_conv_equals_the_direct_conv(shape):
+    """conv3x3_winograd on a padded input = the VALID 3x3 conv to float32 rounding; odd output
+    sides are refused."""
+    b, h, w, c, o = shape
+    kx, kk = jax.random.split(jax.random.key(0))
+    xp = jax.random.normal(kx, (b, h + 2, w + 2, c))
+    kernel = jax.random.normal(kk, (3, 3, c, o))
+    direct = jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          precision=jax.lax.Precision.HIGHEST)
+    fast = conv3x3_winograd(xp, winograd_kernel(kernel))
+    assert fast.shape == direct.shape
+    np.testing.assert_allclose(fast, direct, atol=1e-5 * float(jnp.abs(direct).max()))
+    with pytest.raises(ValueError, match="even"):
+        conv3x3_winograd(xp[:, 1:], winograd_kernel(kernel))

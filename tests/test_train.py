@@ -241,3 +241,23 @@ def test_dlib_identity_loss_in_the_step(shared_faces_dir):
     np.testing.assert_allclose(m["stargan/id_adv"], -jnp.mean(cos), rtol=1e-4)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["params"]["model0_1"]["kernel"]).max()) > 0
+
+
+def test_demo_trains_against_the_stand_ins_evaluation_scores():
+    """The demo's random targets are `evaluate.py --config demo`'s for the same seed, whichever
+    targets either names and in whatever order; another seed draws other networks."""
+    from idguard_jax.evaluation import measure
+    from idguard_jax.training.frozen import init_frozen_demo
+
+    cfg = config.tiny(seed=3)
+    trained = init_frozen_demo(cfg).targets
+    scored = measure.load_models(tuple(reversed(cfg.targets)), image_size=cfg.image_size,
+                                 size=cfg.target_size, seed=3)
+    chex.assert_trees_all_equal(trained, scored.variables)
+    alone = measure.load_models(cfg.targets[-1:], image_size=cfg.image_size,
+                                size=cfg.target_size, seed=3)
+    chex.assert_trees_all_equal(trained[cfg.targets[-1]], alone.variables[cfg.targets[-1]])
+    other = measure.load_models(cfg.targets[:1], image_size=cfg.image_size,
+                                size=cfg.target_size, seed=4)
+    leaf = lambda tree: jax.tree.leaves(tree)[0]
+    assert not np.allclose(leaf(other.variables[cfg.targets[0]]), leaf(trained[cfg.targets[0]]))

@@ -69,16 +69,15 @@ class Models:
 def load_models(names: Sequence[str], weights_dir: str | os.PathLike | None = None, *,
                 image_size: int = 256, size: str = "tiny", seed: int = 0) -> Models:
     """Converted targets from `weights_dir` (convert/convert.py), or without it RANDOM ones of
-    architecture `size` ('tiny', 'demo', 'official') at `image_size`."""
+    architecture `size` ('tiny', 'demo', 'official') at `image_size`, drawn from `seed` (the
+    demo trains against `targets.init_stand_ins`' networks of its cfg.seed)."""
     if not names:
         raise ValueError("name at least one target")
     if weights_dir is not None:
         loaded = [targets_lib.load(n, weights_dir) for n in names]
         return Models(tuple(t for t, _ in loaded), {t.name: v for t, v in loaded})
-    keys = jax.random.split(jax.random.key(seed), len(names))
-    made = [targets_lib.init_random(n, k, image_size=image_size,
-                                    config=targets_lib.size_config(n, size))
-            for n, k in zip(names, keys)]
+    made = targets_lib.init_stand_ins(names, jax.random.key(seed), image_size=image_size,
+                                      size=size).values()
     return Models(tuple(t for t, _ in made), {t.name: v for t, v in made}, random=True)
 
 

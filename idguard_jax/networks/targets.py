@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -29,7 +30,7 @@ from ports.relgan import RelGANGenerator
 from ports.stargan import StarGANFamilyGenerator
 
 __all__ = ["Target", "TargetSpec", "TARGETS", "PAPER_TARGETS", "build", "load", "init_random",
-           "abstract_variables",
+           "init_stand_ins", "abstract_variables",
            "stargan_conditions",
            "STARGAN_ATTRIBUTES", "PRIOR_WEIGHTS", "RELGAN_VECTORS", "RelativeVectors", "SIZES",
            "size_config"]
@@ -248,6 +249,18 @@ def init_random(name: str, key: jax.Array, *, image_size: int = 256, config: dic
     target = build(name, config, dtype=dtype)
     shapes = abstract_variables(name, image_size=image_size, config=config)
     return target, random_variables(shapes, key)
+
+
+def init_stand_ins(names, key: jax.Array, *, image_size: int = 256,
+                   size: str = "official") -> dict[str, tuple[Target, dict]]:
+    """name -> random `init_random` target of architecture `size` (SIZES) for each of names.
+
+    Each network's key is `key` folded with its name, so a target's weights depend on the key
+    alone, not on which other targets a run names or in what order: the demo trains against,
+    and evaluate.py --config demo scores, the same networks for the same seed."""
+    return {name: init_random(name, jax.random.fold_in(key, zlib.crc32(name.encode())),
+                              image_size=image_size, config=size_config(name, size))
+            for name in names}
 
 
 def abstract_variables(name: str, *, image_size: int = 256, config: dict | None = None) -> dict:

@@ -2,7 +2,7 @@
 
     frozen = load_frozen(cfg, "weights/")            # converted bundles (convert/convert.py)
     frozen = init_frozen_random(cfg, key)            # small random networks (tests)
-    frozen = init_frozen_demo(cfg, key)              # random targets, the real identity network
+    frozen = init_frozen_demo(cfg)                   # random targets, the real identity network
     state, metrics = step_fn(state, batch, frozen)   # an argument of the step, never a constant
 """
 from __future__ import annotations
@@ -33,11 +33,10 @@ def _identity_random(cfg: TrainConfig, key: jax.Array):
     return identity_lib.init_random(cfg.identity, key, config=dict(cfg.identity_config))[1]
 
 
-def _random_targets(cfg: TrainConfig, keys: jax.Array) -> dict[str, Any]:
-    return {name: targets_lib.init_random(
-                name, k, image_size=cfg.image_size,
-                config=targets_lib.size_config(name, cfg.target_size))[1]
-            for name, k in zip(cfg.targets, keys)}
+def _stand_in_targets(cfg: TrainConfig, key: jax.Array) -> dict[str, Any]:
+    stand_ins = targets_lib.init_stand_ins(cfg.targets, key, image_size=cfg.image_size,
+                                           size=cfg.target_size)
+    return {name: variables for name, (_, variables) in stand_ins.items()}
 
 
 def _identity_weights(cfg: TrainConfig, weights_dir: str | os.PathLike | None):
@@ -51,21 +50,22 @@ def _identity_weights(cfg: TrainConfig, weights_dir: str | os.PathLike | None):
 
 def init_frozen_random(cfg: TrainConfig, key: jax.Array) -> Frozen:
     """Random weights for every target of cfg (at cfg.target_size) and its identity network
-    (tests only: they manipulate and recognise nothing meaningful)."""
+    (tests only: they manipulate and recognise nothing meaningful), from `key` split by the
+    targets' positions (the tests' fixed draws; the demo's are `targets.init_stand_ins`')."""
     keys = jax.random.split(key, len(cfg.targets) + 1)
-    return Frozen(targets=_random_targets(cfg, keys[:-1]),
-                  identity=_identity_random(cfg, keys[-1]))
+    targets = {name: targets_lib.init_random(
+                   name, k, image_size=cfg.image_size,
+                   config=targets_lib.size_config(name, cfg.target_size))[1]
+               for name, k in zip(cfg.targets, keys[:-1])}
+    return Frozen(targets=targets, identity=_identity_random(cfg, keys[-1]))
 
 
-def init_frozen_demo(cfg: TrainConfig, key: jax.Array,
-                     weights_dir: str | os.PathLike | None = None) -> Frozen:
-    """The demo's networks: RANDOM targets (the same as `init_frozen_random`'s for this key: no
-    target weights exist offline) and cfg's real identity network (`load_frozen`'s: dlib's
-    needs nothing but its installed .dat; the stand-in is `init_frozen_random`'s)."""
-    keys = jax.random.split(key, len(cfg.targets) + 1)
-    identity = (_identity_random(cfg, keys[-1]) if cfg.identity == "standin"
-                else _identity_weights(cfg, weights_dir))
-    return Frozen(targets=_random_targets(cfg, keys[:-1]), identity=identity)
+def init_frozen_demo(cfg: TrainConfig, weights_dir: str | os.PathLike | None = None) -> Frozen:
+    """The demo's networks: RANDOM targets drawn from cfg.seed (no target weights exist offline;
+    `evaluate.py --config demo --seed S` scores the same ones, `targets.init_stand_ins`) and
+    cfg's real identity network (`load_frozen`'s: dlib's needs nothing but its installed .dat)."""
+    return Frozen(targets=_stand_in_targets(cfg, jax.random.key(cfg.seed)),
+                  identity=_identity_weights(cfg, weights_dir))
 
 
 def load_frozen(cfg: TrainConfig, weights_dir: str | os.PathLike) -> Frozen:
