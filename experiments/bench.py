@@ -57,7 +57,7 @@ calls, each call synchronised with jax.block_until_ready. Per measurement (JSON 
   robust_step with --robust SPEC, per (dtype, strategy): the step plain and with robust=SPEC
               (the EOT channels of idguard_jax.channels), compiled, then timed round-robin:
               'plain' and 'robust_run' (each train_step's fields), time_vs_plain (median) and
-              min_time_vs_plain
+              min_time_vs_plain; the train_step record of that strategy is its plain run
   ablation    with --ablations: the step with each waste of the reference put back
               (experiments/ablations.py; same losses and gradients), its step_s and the ratio to
               ours (median and minimum), timed in the same process round-robin (one call of
@@ -229,9 +229,14 @@ def bench_train(cfg, repeats: int, warmup: int, setup_state_frozen=None) -> dict
     batch = jax.device_put(random_batch(cfg))
     r = measure(train.make_train_step(setup), (state, batch, frozen), cfg.batch_size,
                 repeats, warmup, carry_first=True)
+    return _train_record(cfg, r)
+
+
+def _train_record(cfg, timed: dict) -> dict:
+    """A train_step record: cfg's description and a step's `_timed` figures."""
     return {"bench": "train_step", "strategy": cfg.strategy, "dtype": cfg.dtype,
             "image_size": cfg.image_size, "batch_size": cfg.batch_size,
-            "targets": list(cfg.targets), **r}
+            "targets": list(cfg.targets), **timed}
 
 
 def bench_protect(cfg, batch: int, repeats: int, warmup: int) -> dict:
@@ -524,9 +529,12 @@ def _per_dtype_sections(args, base, skip: set, emit) -> None:
         if "train" not in skip:
             for strategy in args.strategies.split(","):
                 cfg = dataclasses.replace(base, strategy=strategy, dtype=dtype)
-                emit(bench_train(cfg, args.repeats, args.warmup))
-                if args.robust:
-                    emit(bench_robust(cfg, args.robust, args.repeats, args.warmup))
+                if not args.robust:
+                    emit(bench_train(cfg, args.repeats, args.warmup))
+                    continue
+                robust = bench_robust(cfg, args.robust, args.repeats, args.warmup)
+                emit(_train_record(cfg, robust["plain"]))   # its plain step, not compiled again
+                emit(robust)
         cfg = dataclasses.replace(base, dtype=dtype)
         if "protect" not in skip:
             for pb in protect_batches:

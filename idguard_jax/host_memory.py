@@ -6,10 +6,9 @@ every step writes to fresh pages, and the kernel faults them in and zeroes them.
 2, that is about 7 GB and 5 s of system time per 20 s train step on a 2-core CPU.
 
 `retain_freed_memory` sets glibc's malloc (mallopt) to serve every thread from one arena grown
-with brk, never by mmap, and never trimmed. The process
-then keeps its peak footprint instead of returning it between steps. Call it at the start of a
-command line, before jax starts its CPU client: threads that have already allocated keep their
-own arenas. Set IDGUARD_HOST_MALLOC=system to leave malloc as it is.
+with brk, never by mmap, and never trimmed: the process keeps its peak footprint instead of
+returning it between steps. Call it at the start of a command line, before jax starts its CPU
+client: threads that have already allocated keep their own arenas. Set IDGUARD_HOST_MALLOC=system to leave malloc as it is.
 
     @host_memory.command          # on each command line's main(argv=None)
     def main(argv=None): ...
