@@ -25,9 +25,7 @@ Initializer = Callable[..., jax.Array]
 __all__ = [
     "affine_params", "conv2d", "reflect_conv2d", "reflect_conv", "conv_transpose2d",
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "subpixel_fits",
-    "conv_transpose_fast",
-    "strided_conv", "conv_space_to_depth", "winograd_kernel", "conv3x3_winograd",
-    "winograd_fits", "dense", "reflect_pad",
+    "strided_conv", "conv_space_to_depth", "dense", "reflect_pad",
     "InstanceNorm", "BatchNorm", "clamp", "PReLU", "flatten_nchw",
 ]
 
@@ -188,11 +186,12 @@ class ConvTranspose2d(nn.Module):
     """flax.linen.ConvTranspose(transpose_kernel=True) with torch's padding (same parameters:
     'kernel' (k, k, features, in), 'bias'); see `conv_transpose2d`.
 
-    On CPU its forward and kernel gradient take the sub-pixel route (`conv_transpose_subpixel`)
-    where the geometry allows: XLA:CPU computes the direct ones as generic input-dilated
-    convolutions (the kernel gradient ~10x slower: at 256 px two of them were a quarter of the
-    train step; the forward 1.5x at 128 -> 256 px). The input gradient is XLA's own (a strided
-    convolution).
+    On CPU its kernel gradient takes the sub-pixel route (`conv_transpose_subpixel`) where the
+    geometry allows: XLA:CPU computes the direct one as a generic input-dilated convolution
+    (10-20x slower; at 256 px two of them were a quarter of the train step). The forward and
+    the input gradient are XLA's own: its direct forward beats the sub-pixel one, which
+    multiplies zero taps (k4 s2, 256 -> 128 channels at 64 px, batch 2: 25.6 against 43.5 ms,
+    2-core EPYC).
     """
     features: int
     kernel_size: int
@@ -213,7 +212,7 @@ class ConvTranspose2d(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         geometry = (self.stride, self.padding, self.output_padding)
         if jax.default_backend() == "cpu":
-            y = _conv_transpose_fast_grad(x, kernel, geometry)
+            y = _conv_transpose_cpu(x, kernel, geometry)
         else:
             y = conv_transpose(x, kernel, geometry)
         return y if bias is None else y + bias
@@ -292,73 +291,24 @@ def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array, geometry: tuple) ->
     return jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(b, out_h, out_w, o)
 
 
-def conv_transpose_fast(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
-    """`conv_transpose` in the form this backend runs fastest: on CPU the sub-pixel one where
-    the geometry allows (`ConvTranspose2d`'s forward), else the direct one."""
-    if jax.default_backend() == "cpu" and subpixel_fits(x.shape, kernel.shape, geometry):
+def _conv_transpose_kernel_grad_form(x: jax.Array, kernel: jax.Array,
+                                    geometry: tuple) -> jax.Array:
+    """`conv_transpose` in the form whose kernel gradient XLA:CPU runs fast: the sub-pixel one
+    where the geometry allows (the direct one's is a generic input-dilated convolution, 10-20x
+    slower), else the direct one."""
+    if subpixel_fits(x.shape, kernel.shape, geometry):
         return conv_transpose_subpixel(x, kernel, geometry)
     return conv_transpose(x, kernel, geometry)
 
 
-_conv_transpose_fast_grad = _with_gradients_of(conv_transpose_fast, conv_transpose,
-                                               conv_transpose_fast)
+_conv_transpose_cpu = _with_gradients_of(conv_transpose, conv_transpose,
+                                         _conv_transpose_kernel_grad_form)
 
 
 def dense(features: int, *, bias: bool = True, name: str | None = None,
           dtype: Dtype = None) -> nn.Dense:
     """torch.nn.Linear; kernel = torch weight transposed. Flatten NCHW before it (see ports)."""
     return nn.Dense(features, use_bias=bias, dtype=dtype, name=name)
-
-
-# Winograd F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
-# 2016): a 2x2 output tile is AT [(G g GT) * (BT d B)] A over a 4x4 input tile d.
-_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-
-
-def _winograd_input(d0, d1, d2, d3):
-    """BT applied along one axis of four shifted views (BT has entries 0 and +-1)."""
-    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
-
-
-def _winograd_output(m0, m1, m2, m3):
-    """AT applied along one axis: the two outputs of a tile."""
-    return m0 + m1 + m2, m1 - m2 - m3
-
-
-def winograd_kernel(kernel: jax.Array) -> jax.Array:
-    """A 3x3 kernel (3, 3, C, O) HWIO -> its Winograd form (16, C, O) float32 for
-    `conv3x3_winograd` (G g GT per input and output channel; computed once, at load time)."""
-    g = jnp.asarray(_WINOGRAD_G)
-    u = jnp.einsum("ai,ijco,bj->abco", g, kernel.astype(jnp.float32), g,
-                   precision=jax.lax.Precision.HIGHEST)
-    return u.reshape(16, *kernel.shape[2:])
-
-
-def winograd_fits(x_shape: tuple) -> bool:
-    """Whether `conv3x3_winograd` computes an output of x_shape[1:3] (even sizes: whole tiles)."""
-    return x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0
-
-
-def conv3x3_winograd(xp: jax.Array, u: jax.Array) -> jax.Array:
-    """A VALID 3x3 stride-1 convolution of an already padded xp (B, H + 2, W + 2, C), H and W
-    even, with u = winograd_kernel(kernel) -> (B, H, W, O): the same numbers as the direct conv
-    to float32 rounding (~1e-6 of the output's scale) for 16/36 of its multiply-adds, as 16
-    products (C x O) over the 2x2 output tiles. On XLA:CPU a 256-channel 3x3 conv at 64 px,
-    batch 4, takes 35 ms this way against 53 ms direct (2-core EPYC)."""
-    b, hp, wp, c = xp.shape
-    h, w = hp - 2, wp - 2
-    if not winograd_fits((b, h, w, c)):
-        raise ValueError(f"conv3x3_winograd: output {h}x{w} must have even sides")
-    rows = _winograd_input(*(xp[:, i:i + h:2] for i in range(4)))          # 4 x (B, H/2, W+2, C)
-    tiles = [_winograd_input(*(r[:, :, j:j + w:2] for j in range(4))) for r in rows]
-    v = jnp.stack([t for row in tiles for t in row]).reshape(16, -1, c)   # (16, tiles, C)
-    m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))          # (16, tiles, O)
-    m = m.reshape(4, 4, b, h // 2, w // 2, -1)
-    half = [_winograd_output(*(m[a, q] for a in range(4))) for q in range(4)]   # [q][p]
-    y = [[_winograd_output(*(half[q][p] for q in range(4)))[r] for r in range(2)]
-         for p in range(2)]                                                # [p][r]: (B, H/2, W/2, O)
-    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)           # (B, H/2, 2, W/2, 2, O)
-    return y.reshape(b, h, w, -1)
 
 
 def reflect_pad(x: jax.Array, pad: int) -> jax.Array:

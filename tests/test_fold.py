@@ -68,7 +68,8 @@ def test_bfloat16_within_one_grey_level_and_really_bfloat16(gen):
     faces = np.random.default_rng(2).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     gen = precision.with_output_scale(gen, 0.3)     # values inside +-eps, ~4 grey levels
     bf16 = fast.prepare(gen, "bfloat16")
-    assert bf16.layers["blocks"][0]["conv1"]["matrix"].dtype == jnp.bfloat16
+    assert bf16.layers["blocks"][0]["conv1"]["winograd"].dtype == jnp.bfloat16   # F(2x2, 3x3)
+    assert bf16.layers["up1"]["matrix"]["oo"].dtype == jnp.bfloat16
     ref, test = protect.protect(gen, faces), protect.protect(bf16, faces)
     assert test.dtype == np.uint8 and np.abs(test.astype(int) - faces).max() <= 6
     agree = precision.merge_agreement([precision.grey_level_agreement(ref, test, faces)])

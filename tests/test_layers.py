@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ports.layers import (conv2d, conv3x3_winograd, conv_space_to_depth, conv_transpose,
-                          conv_transpose2d, conv_transpose_subpixel, winograd_kernel)
+from ports.layers import (conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
+                          conv_transpose_subpixel)
+from ports.winograd import conv3x3_winograd, winograd_kernel
 
 # (kernel, padding, output_padding): the generator's, StarGAN/RelGAN's, and two odd ones.
 GEOMETRIES = [(3, 1, 1), (4, 1, 0), (4, 2, 0), (5, 2, 1)]
@@ -120,21 +121,25 @@ def test_strided_conv2d_gradient_under_vmap():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU fast paths")
 def test_no_input_dilated_convolution_left_in_the_gradients():
-    """XLA:CPU's slow path: neither layer's forward nor gradients may dilate an input (the
-    fast forms would otherwise fall back silently and only the speed would show it)."""
+    """XLA:CPU's slow path: no gradient may dilate an input (the fast forms would otherwise
+    fall back silently and only the speed would show it). The transposed conv's forward is
+    the one input-dilated convolution left: XLA:CPU runs that one fast."""
     x = jnp.ones((2, 8, 8, 4), jnp.float32)
-    for m in (conv2d(6, 4, 2, 1, bias=False), conv_transpose2d(6, 4, 2, 1, bias=False)):
+    for m, forward_dilations in ((conv2d(6, 4, 2, 1, bias=False), 0),
+                                 (conv_transpose2d(6, 4, 2, 1, bias=False), 1)):
         v = m.init(jax.random.key(0), x)
         grads = jax.grad(lambda v, x: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1))
         text = str(jax.make_jaxpr(grads)(v, x))
-        assert "conv_general_dilated" in text
-        assert "lhs_dilation=(2, 2)" not in text, text
+        assert text.count("conv_general_dilated") >= 3           # forward, dx, dk
+        assert text.count("lhs_dilation=(2, 2)") == forward_dilations, text
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 6, 5, 7), (1, 4, 4, 16, 3)])
-def test_winograd_conv_equals_the_direct_conv(shape):
-    """conv3x3_winograd on a padded input = the VALID 3x3 conv to float32 rounding; odd output
-    sides are refused."""
+@pytest.mark.parametrize("tile, tol", [(2, 1e-6), (4, 3e-5)])
+@pytest.mark.parametrize("shape", [(2, 8, 12, 5, 7), (1, 4, 4, 16, 3)])
+def test_winograd_conv_equals_the_direct_conv(shape, tile, tol):
+    """conv3x3_winograd on a padded input = the VALID 3x3 conv: F(2x2, 3x3) to float32 rounding,
+    F(4x4, 3x3) to ~1e-5 of the output's scale; bfloat16 products to bfloat16's rounding;
+    sides that are not multiples of the tile are refused."""
     b, h, w, c, o = shape
     kx, kk = jax.random.split(jax.random.key(0))
     xp = jax.random.normal(kx, (b, h + 2, w + 2, c))
@@ -142,8 +147,17 @@ def test_winograd_conv_equals_the_direct_conv(shape):
     direct = jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                           precision=jax.lax.Precision.HIGHEST)
-    fast = conv3x3_winograd(xp, winograd_kernel(kernel))
-    assert fast.shape == direct.shape
-    np.testing.assert_allclose(fast, direct, atol=1e-5 * float(jnp.abs(direct).max()))
-    with pytest.raises(ValueError, match="even"):
-        conv3x3_winograd(xp[:, 1:], winograd_kernel(kernel))
+    scale = float(jnp.abs(direct).max())
+    u = winograd_kernel(kernel, tile)
+    assert u.shape == ((tile + 2) ** 2, c, o)
+    fast = conv3x3_winograd(xp, u)
+    assert fast.shape == direct.shape and fast.dtype == jnp.float32
+    np.testing.assert_allclose(fast, direct, atol=tol * scale)
+    if tile == 2:
+        bf16 = conv3x3_winograd(xp, u.astype(jnp.bfloat16))
+        err = float(jnp.abs(bf16 - direct).max()) / scale
+        assert bf16.dtype == jnp.float32 and 1e-5 < err < 2e-2     # rounded, not wrong
+    with pytest.raises(ValueError, match="multiples of the tile"):
+        conv3x3_winograd(xp[:, 1:], u)
+    with pytest.raises(ValueError, match="tile must be one of"):
+        winograd_kernel(kernel, 3)

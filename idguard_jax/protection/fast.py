@@ -4,16 +4,17 @@ at load time, computed in float32 (XLA's convolutions) or bfloat16 (matrix produ
     fast_gen = fast.prepare(gen, dtype="bfloat16")    # gen: generator.Generator (load_trained)
     x_adv = fast_gen(x, eps)                          # = protect_fast(layers, delta_p, x, ...)
 
-On CPU the float32 path computes the residual blocks' 3x3 convolutions by Winograd's F(2x2,
-3x3) (`ports.layers.conv3x3_winograd`: 16/36 of the multiply-adds, 1.5x faster there; the same
-numbers to float32 rounding); elsewhere by the backend's convolution.
+On CPU the float32 path computes the residual blocks' 3x3 convolutions by Winograd's F(4x4,
+3x3) (`ports.winograd`: 1/4 of the multiply-adds, 2.2x faster there; error ~1e-5 of a conv's
+scale, far below a grey level); elsewhere by the backend's convolution. The bfloat16 path's
+blocks use F(2x2, 3x3) with bfloat16 products.
 
 `fold_batchnorm` rewrites each conv (transposed too) + eval BatchNorm pair of
 `generator.ResnetGenerator` (the reference's `net/advGen.py::ResnetGenerator`) as one conv with
 a bias: kernel * s and bias - mean * s, s = scale / sqrt(var + 1e-5) per output channel. The
-float32 forward then runs the same convolutions as the module (same padding, same CPU layout
-trick as `ports.layers.reflect_conv2d`), so it agrees with `generator.protect_eval` to float32
-rounding.
+float32 forward then runs the module's convolutions (same padding, same CPU layout trick as
+`ports.layers.reflect_conv2d`) outside the blocks, so it agrees with `generator.protect_eval`
+to float32 rounding there and to Winograd's ~1e-5 in the blocks.
 
 The bfloat16 forward exists because XLA:CPU computes a bfloat16 convolution in float32 (it
 converts both operands and calls its float32 convolution), while a plain 2-D dot of bfloat16
@@ -38,8 +39,8 @@ import numpy as np
 from jax import lax
 
 from idguard_jax.generator import Generator, GeneratorConfig, generator_input, within_budget
-from ports.layers import (conv3x3_winograd, conv_transpose_fast, reflect_conv, reflect_pad,
-                          winograd_fits, winograd_kernel)
+from ports.layers import conv_transpose, reflect_conv, reflect_pad
+from ports.winograd import conv3x3_winograd, winograd_fits, winograd_kernel
 
 __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers", "prepare",
            "protect_fast", "layer_names",
@@ -187,10 +188,13 @@ def _up_matrices(kernel) -> dict:
             "oo": jnp.concatenate([t(2, 2), t(2, 0), t(0, 2), t(0, 0)])}
 
 
-def matrix_layers(folded: dict, dtype: str = "bfloat16") -> dict:
+def matrix_layers(folded: dict, dtype: str = "bfloat16", block_side: int | None = None) -> dict:
     """Folded float32 layers -> the matrix path's: each 3x3 conv's kernel rearranged for its
     product and cast to `dtype`; biases, the 7x7 kernels and a stride-2 kernel on fewer than
-    MIN_DOWN_CHANNELS input channels stay float32 kernels."""
+    MIN_DOWN_CHANNELS input channels stay float32 kernels. Where `block_side` (the residual
+    blocks' side, image_size / 4) is even, the blocks' products are F(2x2, 3x3) Winograd's
+    (16/36 of the multiply-adds); F(4x4, 3x3) is not used here: its larger coefficients
+    amplify bfloat16's rounding (error ~7e-2 of a conv's scale, against ~4e-3)."""
     dt = jnp.dtype(dtype)
     cast = lambda m: m.astype(dt)
     out = {"in": folded["in"], "out": folded["out"]}
@@ -201,20 +205,30 @@ def matrix_layers(folded: dict, dtype: str = "bfloat16") -> dict:
     for key in ("up1", "up2"):
         out[key] = {"matrix": jax.tree.map(cast, _up_matrices(folded[key]["kernel"])),
                     "bias": folded[key]["bias"]}
-    out["blocks"] = [{n: {"matrix": cast(_block_matrix(blk[n]["kernel"])), "bias": blk[n]["bias"]}
-                      for n in ("conv1", "conv2")} for blk in folded["blocks"]]
+    if block_side is not None and winograd_fits((1, block_side, block_side), 2):
+        out["blocks"] = _winograd_blocks(folded["blocks"], 2, dt)
+    else:
+        out["blocks"] = [{n: {"matrix": cast(_block_matrix(blk[n]["kernel"])),
+                              "bias": blk[n]["bias"]} for n in ("conv1", "conv2")}
+                         for blk in folded["blocks"]]
     return out
+
+
+def _winograd_blocks(blocks: list, tile: int, dtype) -> list:
+    return [{n: {"winograd": winograd_kernel(blk[n]["kernel"], tile).astype(dtype),
+                 "bias": blk[n]["bias"]} for n in ("conv1", "conv2")} for blk in blocks]
 
 
 def winograd_layers(folded: dict, cfg: GeneratorConfig) -> dict:
     """Folded float32 layers with each residual block's kernel in its Winograd form
-    ({'winograd': (16, C, O), 'bias'}), where the blocks' resolution (image_size / 4) is even;
-    every other layer unchanged."""
-    if not winograd_fits((1, cfg.image_size // 4, cfg.image_size // 4)):
-        return folded
-    blocks = [{n: {"winograd": winograd_kernel(blk[n]["kernel"]), "bias": blk[n]["bias"]}
-               for n in ("conv1", "conv2")} for blk in folded["blocks"]]
-    return {**folded, "blocks": blocks}
+    ({'winograd': (36 or 16, C, O), 'bias'}): F(4x4, 3x3) where the blocks' side
+    (image_size / 4) is a multiple of 4, else F(2x2, 3x3) where it is even; every other layer
+    unchanged."""
+    side = (1, cfg.image_size // 4, cfg.image_size // 4)
+    for tile in (4, 2):
+        if winograd_fits(side, tile):
+            return {**folded, "blocks": _winograd_blocks(folded["blocks"], tile, jnp.float32)}
+    return folded
 
 
 # ------------------------------------------------------------------------------ the forward
@@ -223,8 +237,8 @@ def winograd_layers(folded: dict, cfg: GeneratorConfig) -> dict:
 def _forward(layers: dict, g_in):
     """The folded generator on g_in (B, H, W, 6) float32 -> pre-tanh (B, H, W, 3): a layer
     holding a 'matrix' (matrix_layers) is a bfloat16 product, one holding 'winograd'
-    (winograd_layers, residual blocks only) a float32 Winograd convolution, one holding a
-    'kernel' a float32 convolution."""
+    (residual blocks only) a Winograd convolution with products in its kernel's dtype, one
+    holding a 'kernel' a float32 convolution."""
     def lin(y, layer):
         return y + layer["bias"]
 
@@ -243,7 +257,7 @@ def _forward(layers: dict, g_in):
         h = h + conv(r, blk["conv2"], _block_conv_mm, reflect_conv)
     for key in ("up1", "up2"):
         h = jax.nn.selu(conv(h, layers[key], _up_conv_mm,
-                             lambda x, k: conv_transpose_fast(x, k, (2, 1, 1))))
+                             lambda x, k: conv_transpose(x, k, (2, 1, 1))))
     return lin(reflect_conv(h, layers["out"]["kernel"]), layers["out"])
 
 
@@ -290,7 +304,8 @@ def prepare(gen: Generator, dtype: str = "float32") -> FastGenerator:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     folded = jax.jit(fold_batchnorm, static_argnums=1)(gen.variables, gen.config)
     if dtype == "bfloat16":
-        layers = jax.jit(matrix_layers, static_argnums=1)(folded, dtype)
+        layers = jax.jit(matrix_layers, static_argnums=(1, 2))(folded, dtype,
+                                                               gen.config.image_size // 4)
     elif jax.default_backend() == "cpu":
         layers = jax.jit(winograd_layers, static_argnums=1)(folded, gen.config)
     else:

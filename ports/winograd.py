@@ -1,0 +1,98 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(m x m, 3 x 3) (Lavin and Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2016), NHWC / HWIO.
+
+An m x m output tile is AT [(G g GT) * (BT d B)] A over its (m + 2)^2 input tile d: the kernel
+is transformed once (`winograd_kernel`), the input's tiles by adds of shifted views (fused by
+XLA), and the (m + 2)^2 products (C x O) are batched matrix products. Multiply-adds per output:
+
+    tile 2: 16/36 of the direct conv's, error ~1e-6 of the output's scale (float32 rounding)
+    tile 4: 36/144, error ~1e-5 (the larger transform coefficients amplify rounding)
+
+On XLA:CPU (2-core EPYC, float32), a 256-channel conv at 64 px, batch 4: direct 53 ms, tile 2
+34 ms, tile 4 24.5 ms.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["TILES", "winograd_kernel", "winograd_fits", "winograd_tile", "conv3x3_winograd"]
+
+# tile m -> (BT (m+2, m+2), G (m+2, 3), AT (m, m+2)); the points 0, +-1 (m = 2) and
+# 0, +-1, +-2 (m = 4), the usual choice for float32.
+_MATRICES = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]])),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]])),
+}
+TILES = tuple(_MATRICES)
+
+
+def _combine(views: list, matrix: np.ndarray) -> list:
+    """matrix (R, len(views)) applied to a list of equally shaped arrays: R arrays, each a sum
+    over the nonzero coefficients (+-1 as adds and subtractions)."""
+    out = []
+    for row in matrix:
+        acc = None
+        for c, v in zip(row, views):
+            if c == 0:
+                continue
+            term = v if c == 1 else -v if c == -1 else v * np.float32(c)
+            acc = term if acc is None else acc + term
+        out.append(acc)
+    return out
+
+
+def winograd_kernel(kernel: jax.Array, tile: int = 2) -> jax.Array:
+    """A 3x3 kernel (3, 3, C, O) HWIO -> its Winograd form ((tile + 2)^2, C, O) float32 for
+    `conv3x3_winograd` (G g GT per channel pair; computed once where the kernel is fixed)."""
+    if tile not in _MATRICES:
+        raise ValueError(f"winograd_kernel: tile must be one of {TILES}, got {tile}")
+    g = jnp.asarray(_MATRICES[tile][1], jnp.float32)
+    u = jnp.einsum("ai,ijco,bj->abco", g, kernel.astype(jnp.float32), g,
+                   precision=jax.lax.Precision.HIGHEST)
+    return u.reshape((tile + 2) ** 2, *kernel.shape[2:])
+
+
+def winograd_tile(u: jax.Array) -> int:
+    """The output tile of a Winograd-form kernel (16 -> 2, 36 -> 4)."""
+    return int(round(np.sqrt(u.shape[0]))) - 2
+
+
+def winograd_fits(x_shape: tuple, tile: int = 2) -> bool:
+    """Whether `conv3x3_winograd` with this tile computes an output of x_shape[1:3] (whole
+    tiles: both sides multiples of the tile)."""
+    return x_shape[1] % tile == 0 and x_shape[2] % tile == 0
+
+
+def conv3x3_winograd(xp: jax.Array, u: jax.Array) -> jax.Array:
+    """A VALID 3x3 stride-1 convolution of an already padded xp (B, H + 2, W + 2, C) with
+    u = winograd_kernel(kernel, tile) -> (B, H, W, O); H and W multiples of the tile. The
+    products take u's dtype (bfloat16 operands accumulate in float32); the transforms and the
+    output are float32."""
+    b, hp, wp, c = xp.shape
+    h, w = hp - 2, wp - 2
+    m = winograd_tile(u)
+    if not winograd_fits((b, h, w, c), m):
+        raise ValueError(f"conv3x3_winograd: output {h}x{w} must have sides that are "
+                         f"multiples of the tile {m}")
+    bt, _, at = _MATRICES[m]
+    n = m + 2
+    xp = xp.astype(jnp.float32)
+    rows = _combine([xp[:, i:i + h:m] for i in range(n)], bt)          # n x (B, H/m, W+2, C)
+    tiles = [_combine([r[:, :, j:j + w:m] for j in range(n)], bt) for r in rows]
+    v = jnp.stack([t for row in tiles for t in row]).reshape(n * n, -1, c).astype(u.dtype)
+    prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),
+                               preferred_element_type=jnp.float32)       # (n*n, tiles, O)
+    prod = prod.reshape(n, n, b, h // m, w // m, -1)
+    half = [_combine([prod[a, q] for a in range(n)], at) for q in range(n)]    # [q][p]
+    y = [_combine([half[q][p] for q in range(n)], at) for p in range(m)]   # [p][r]: (B, H/m, W/m, O)
+    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)       # (B, H/m, m, W/m, m, O)
+    return y.reshape(b, h, w, -1)
