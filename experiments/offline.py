@@ -113,28 +113,20 @@ def _read(paths: list, size: int):
 
 def recognised(target, variables, images_u8) -> dict:
     """dlib's verdict on the target's clean outputs: per image the descriptor distance of the
-    output (at its own landmarks; the photo's where dlib finds no face there) to the photo's,
-    NaN where the photo has no face; and the fraction below dlib's 0.6."""
+    output to the photo's (evaluation.measure.distances_to_photos: NaN where the photo has no
+    face); and the fraction below dlib's 0.6."""
     import numpy as np
 
-    from idguard_jax.evaluation import metrics
+    from idguard_jax.evaluation import measure, metrics
     from idguard_jax.evaluation.judge import FaceFinder, make_judge
-    from idguard_jax.images import to_float, to_uint8
+    from idguard_jax.images import to_float
 
-    finder, judge = FaceFinder(), make_judge("dlib")
+    finder, recognizer = FaceFinder(), make_judge("dlib")
     x = to_float(images_u8)
     condition = target.select(target.conditions(np.zeros((len(x), 5), np.float32)), 0)
     y = np.asarray(target.forward(variables, x, condition)[0])
-    distances = []
-    for xi, yi in zip(x, y):
-        photo, output = finder.find(to_uint8(xi)), finder.find(to_uint8(yi))
-        if photo is None:
-            distances.append(float("nan"))
-            continue
-        points = np.stack([photo[1], (output or photo)[1]])
-        d = judge.describe_images(np.stack([xi, yi]), points)
-        distances.append(float(metrics.euclidean(d[0], d[1])))
-    distances = np.asarray(distances)
+    photos = measure.input_faces(x, finder, None, recognizer)
+    distances = measure.distances_to_photos(recognizer, finder, y[None], photos)[0][0]
     measured = np.isfinite(distances)
     return {"distances": [round(v, 4) for v in distances.tolist()],
             "recognised": float(np.mean(distances[measured] < metrics.DLIB_SAME_PERSON))

@@ -60,6 +60,7 @@ def test_each_conv_as_a_matrix_product_equals_the_conv(gen, monkeypatch):
     convs = fast._forward(folded, g_in)
     layers = fast.matrix_layers(folded, "float32")
     assert "matrix" in layers["down1"] and "matrix" in layers["up2"]
+    assert "matrix" in layers["in"] and "taps" in layers["out"]      # the 7x7 convs too
     matrices = fast._forward(layers, g_in)
     np.testing.assert_allclose(matrices, convs, atol=2e-6, rtol=1e-5)
 

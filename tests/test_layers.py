@@ -161,3 +161,41 @@ def test_winograd_conv_equals_the_direct_conv(shape, tile, tol):
         conv3x3_winograd(xp[:, 1:], u)
     with pytest.raises(ValueError, match="tile must be one of"):
         winograd_kernel(kernel, 3)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU fast paths")
+def test_large_3x3_conv_by_winograd_with_its_gradients():
+    """conv2d(k3, s1, p1) from WINOGRAD_MIN_PIXELS and WINOGRAD_MIN_CHANNELS runs Winograd on
+    CPU (no convolution left in its forward or input gradient): output and input gradient
+    within 3e-5 of their scale of the direct conv's, the kernel gradient XLA's own; a smaller
+    one stays the direct conv, to the bit."""
+    from ports import layers
+
+    def direct(v, x):
+        return jax.lax.conv_general_dilated(x, v["params"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    side = int(np.sqrt(layers.WINOGRAD_MIN_PIXELS))
+    ch = layers.WINOGRAD_MIN_CHANNELS
+    kx, kg = jax.random.split(jax.random.key(1))
+    m = conv2d(ch, 3, 1, 1, bias=False)
+    for shape, winograd in (((1, side, side, ch), True), ((2, side // 2, side // 2, ch), False)):
+        x = jax.random.normal(kx, shape)
+        g = jax.random.normal(kg, shape[:3] + (ch,))
+        v = m.init(jax.random.key(0), x)
+        y, vjp = jax.vjp(m.apply, v, x)
+        y_ref, vjp_ref = jax.vjp(direct, v, x)
+        (dv, dx), (dv_ref, dx_ref) = vjp(g), vjp_ref(g)
+        # compiled, so the unused kernel gradient is left out as in a frozen network's step
+        fwd_dx = jax.jit(lambda v, x, g: jax.vjp(lambda x: m.apply(v, x), x)[1](g)).lower(
+            v, x, g).compile().as_text()
+        if winograd:
+            assert "convolution(" not in fwd_dx
+            for a, b in ((y, y_ref), (dx, dx_ref)):
+                scale = float(jnp.abs(b).max())
+                err = float(jnp.abs(a - b).max()) / scale
+                assert 0 < err < 3e-5, err
+            np.testing.assert_allclose(dv["params"]["kernel"], dv_ref["params"]["kernel"],
+                                       rtol=1e-5, atol=1e-5)
+        else:
+            assert "convolution(" in fwd_dx
+            np.testing.assert_array_equal(y, y_ref)

@@ -149,7 +149,7 @@ def measure(models: Models, clean, protected, judge: Judge, *, labels=None,
         finder = FaceFinder()
     if recognizer == "auto":
         recognizer = judge if judge.net.chip_based else make_judge("dlib")
-    inputs = _input_faces(x, finder, input_face_masks, recognizer)
+    inputs = input_faces(x, finder, input_face_masks, recognizer)
     out = {"targets": {}, **_visible_cost(x, xp),
            "input_mask_source": np.array(inputs.sources), "judge": judge.describe(),
            "criterion": judge.criterion, "threshold": judge.threshold,
@@ -176,7 +176,7 @@ def _find(finder: FaceFinder | None, image: np.ndarray):
     return finder.find(to_uint8(image)) if finder is not None else None
 
 
-def _input_faces(x: np.ndarray, finder, input_face_masks, recognizer) -> _Inputs:
+def input_faces(x: np.ndarray, finder, input_face_masks, recognizer) -> _Inputs:
     """Face masks and landmarks of the clean inputs: given masks, else dlib's, else the
     template's; and the photos' descriptors for misdirection."""
     b, s = x.shape[0], x.shape[1]
@@ -265,24 +265,32 @@ def _identity(judge: Judge, y: np.ndarray, yp: np.ndarray, points: np.ndarray):
     return sim, dist, destroyed
 
 
-def _misdirection(recognizer: Judge | None, finder, yp: np.ndarray, inputs: _Inputs):
-    """(C, B) misdirected (1 when dlib finds no face on yp or its descriptor is >= 0.6 from the
-    clean photo's; NaN where the photo has no face or without a recognizer) and no_face."""
-    c, b, s = yp.shape[:3]
-    misdirected = np.full((c, b), np.nan)
+def distances_to_photos(recognizer: Judge, finder, outputs: np.ndarray, inputs: _Inputs):
+    """(C, B) dlib descriptor distance of each output (C, B, S, S, 3) to its clean photo's
+    (`input_faces`; NaN where the photo has no face), the output described at its own
+    landmarks, at the photo's where dlib finds no face on it; and that no_face (C, B)."""
+    c, b, s = outputs.shape[:3]
     no_face = np.zeros((c, b), bool)
-    if recognizer is None:
-        return misdirected, no_face
     own = np.empty((c, b, 5, 2))
     for k in range(c):
         for i in range(b):
-            found = _find(finder, yp[k, i])
+            found = _find(finder, outputs[k, i])
             no_face[k, i] = found is None
             own[k, i] = found[1] if found is not None else inputs.points[i]
-    desc = recognizer.describe_images(yp.reshape(c * b, s, s, 3),
+    desc = recognizer.describe_images(outputs.reshape(c * b, s, s, 3),
                                       own.reshape(c * b, 5, 2)).reshape(c, b, -1)
+    return metrics.euclidean(desc, inputs.descriptors[None]), no_face
+
+
+def _misdirection(recognizer: Judge | None, finder, yp: np.ndarray, inputs: _Inputs):
+    """(C, B) misdirected (1 when dlib finds no face on yp or its descriptor is >= 0.6 from the
+    clean photo's; NaN where the photo has no face or without a recognizer) and no_face."""
+    c, b = yp.shape[:2]
+    if recognizer is None:
+        return np.full((c, b), np.nan), np.zeros((c, b), bool)
+    distance, no_face = distances_to_photos(recognizer, finder, yp, inputs)
     with np.errstate(invalid="ignore"):
-        far = metrics.euclidean(desc, inputs.descriptors[None]) >= metrics.DLIB_SAME_PERSON
+        far = distance >= metrics.DLIB_SAME_PERSON
     misdirected = np.where(no_face | far, 1.0, 0.0)
     misdirected[:, ~inputs.found] = np.nan
     return misdirected, no_face

@@ -18,14 +18,16 @@ to float32 rounding there and to Winograd's ~1e-5 in the blocks.
 
 The bfloat16 forward exists because XLA:CPU computes a bfloat16 convolution in float32 (it
 converts both operands and calls its float32 convolution), while a plain 2-D dot of bfloat16
-operands with float32 accumulation runs in bfloat16 (YNNPACK; AVX512-BF16 or AMX). So each 3x3
+operands with float32 accumulation runs in bfloat16 (YNNPACK; AVX512-BF16 or AMX). So each
 convolution becomes patches (slices and concatenation, moved as uint16 bit patterns: XLA:CPU
-widens every bfloat16 copy to float32 and back) and a 2-D product; a transposed k3 s2 conv
-becomes its four output phases, each a product over the 1, 2 or 4 input pixels it depends on,
-interleaved after. Activations are rounded to bfloat16 only where they enter a product; bias,
-activations, the residual sum and the output stay float32. The 7x7 convolutions at the ends
-(6 and 3 channels) and a stride-2 conv on few channels (MIN_DOWN_CHANNELS) stay float32
-convolutions: their thin matrices or strided patches gain nothing.
+widens every bfloat16 copy to float32 and back) and a 2-D product: the input 7x7 conv (6
+channels) its horizontal taps as patches and its vertical ones as outputs, the output 7x7 conv
+(3 channels) every tap as an output summed after, the stride-2 convs their nine strided taps;
+a transposed k3 s2 conv becomes its four output phases, each a product over the 1, 2 or 4
+input pixels it depends on, interleaved after; the residual blocks are bfloat16 Winograd.
+Activations are rounded to bfloat16 only where they enter a product; bias, activations, the
+residual sum and the output stay float32. A stride-2 conv on few channels
+(MIN_DOWN_CHANNELS) stays a float32 convolution: its strided patches gain nothing.
 """
 from __future__ import annotations
 
@@ -127,15 +129,28 @@ def _mm(patches, matrix):
                            preferred_element_type=jnp.float32)
 
 
-def _block_conv_mm(x, matrix):
-    """ReflectionPad2d(1) + conv 3x3 on x (B, H, W, C) float32, matrix (3C, 3O): the three
-    horizontal taps are concatenated (3C patches), one product gives every vertical tap's
-    contribution (3O), and rows shifted by 0, 1, 2 are summed."""
+def _reflect_conv_mm(x, matrix):
+    """ReflectionPad2d(k // 2) + conv k x k on x (B, H, W, C) float32, matrix (kC, kO)
+    (`_rows_matrix`): the k horizontal taps are concatenated (kC patches), one product gives
+    every vertical tap's contribution (kO), and rows shifted by 0 .. k - 1 are summed."""
+    b, h, w, c = x.shape
+    k = matrix.shape[0] // c
+    xp = reflect_pad(_bits(x, matrix.dtype), k // 2)
+    patches = jnp.concatenate([xp[:, :, j:j + w] for j in range(k)], axis=-1)
+    y = _mm(patches, matrix).reshape(b, h + k - 1, w, k, -1)
+    return sum(y[:, i:i + h, :, i] for i in range(k))
+
+
+def _taps_conv_mm(x, matrix, out_channels: int):
+    """ReflectionPad2d(k // 2) + conv k x k to few output channels on x (B, H, W, C), matrix
+    (C, k*k*O) (`_taps_matrix`): one product gives every tap's contribution at every padded
+    pixel, and the k*k shifted views are summed (a product to O = 3 columns runs far below
+    the dot's peak; to k*k*O = 147 it does not)."""
     b, h, w, _ = x.shape
-    xp = reflect_pad(_bits(x, matrix.dtype), 1)
-    patches = jnp.concatenate([xp[:, :, j:j + w] for j in range(3)], axis=-1)
-    y = _mm(patches, matrix).reshape(b, h + 2, w, 3, -1)
-    return y[:, 0:h, :, 0] + y[:, 1:h + 1, :, 1] + y[:, 2:h + 2, :, 2]
+    k = int(round(np.sqrt(matrix.shape[1] // out_channels)))
+    xp = reflect_pad(_bits(x, matrix.dtype), k // 2)
+    y = _mm(xp, matrix).reshape(b, h + k - 1, w + k - 1, k * k, out_channels)
+    return sum(y[:, i:i + h, j:j + w, k * i + j] for i in range(k) for j in range(k))
 
 
 def _down_conv_mm(x, matrix):
@@ -166,10 +181,16 @@ def _up_conv_mm(x, matrices):
     return y.reshape(b, 2 * h, 2 * w, -1)
 
 
-def _block_matrix(kernel):
-    """HWIO (3, 3, C, O) -> (3C, 3O): rows (horizontal tap j, c), columns (vertical tap i, o)."""
+def _rows_matrix(kernel):
+    """HWIO (k, k, C, O) -> (kC, kO): rows (horizontal tap j, c), columns (vertical tap i, o)."""
     k = kernel.shape
     return jnp.transpose(kernel, (1, 2, 0, 3)).reshape(k[1] * k[2], k[0] * k[3])
+
+
+def _taps_matrix(kernel):
+    """HWIO (k, k, C, O) -> (C, k*k*O): columns (tap i, tap j, o)."""
+    k = kernel.shape
+    return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(k[2], -1)
 
 
 def _down_matrix(kernel):
@@ -189,15 +210,18 @@ def _up_matrices(kernel) -> dict:
 
 
 def matrix_layers(folded: dict, dtype: str = "bfloat16", block_side: int | None = None) -> dict:
-    """Folded float32 layers -> the matrix path's: each 3x3 conv's kernel rearranged for its
-    product and cast to `dtype`; biases, the 7x7 kernels and a stride-2 kernel on fewer than
-    MIN_DOWN_CHANNELS input channels stay float32 kernels. Where `block_side` (the residual
-    blocks' side, image_size / 4) is even, the blocks' products are F(2x2, 3x3) Winograd's
+    """Folded float32 layers -> the matrix path's: each conv's kernel rearranged for its
+    product and cast to `dtype`; biases and a stride-2 kernel on fewer than MIN_DOWN_CHANNELS
+    input channels stay float32. Where `block_side` (the residual blocks' side, image_size /
+    4) is even, the blocks' products are F(2x2, 3x3) Winograd's
     (16/36 of the multiply-adds); F(4x4, 3x3) is not used here: its larger coefficients
     amplify bfloat16's rounding (error ~7e-2 of a conv's scale, against ~4e-3)."""
     dt = jnp.dtype(dtype)
     cast = lambda m: m.astype(dt)
-    out = {"in": folded["in"], "out": folded["out"]}
+    out = {"in": {"matrix": cast(_rows_matrix(folded["in"]["kernel"])),
+                  "bias": folded["in"]["bias"]},
+           "out": {"taps": cast(_taps_matrix(folded["out"]["kernel"])),
+                   "bias": folded["out"]["bias"]}}
     for key in ("down1", "down2"):
         kernel = folded[key]["kernel"]
         out[key] = ({"matrix": cast(_down_matrix(kernel)), "bias": folded[key]["bias"]}
@@ -208,7 +232,7 @@ def matrix_layers(folded: dict, dtype: str = "bfloat16", block_side: int | None 
     if block_side is not None and winograd_fits((1, block_side, block_side), 2):
         out["blocks"] = _winograd_blocks(folded["blocks"], 2, dt)
     else:
-        out["blocks"] = [{n: {"matrix": cast(_block_matrix(blk[n]["kernel"])),
+        out["blocks"] = [{n: {"matrix": cast(_rows_matrix(blk[n]["kernel"])),
                               "bias": blk[n]["bias"]} for n in ("conv1", "conv2")}
                          for blk in folded["blocks"]]
     return out
@@ -249,16 +273,19 @@ def _forward(layers: dict, g_in):
             return lin(conv3x3_winograd(reflect_pad(h, 1), layer["winograd"]), layer)
         return lin(kernel_form(h, layer["kernel"]), layer)
 
-    h = jax.nn.selu(lin(reflect_conv(g_in, layers["in"]["kernel"]), layers["in"]))
+    h = jax.nn.selu(conv(g_in, layers["in"], _reflect_conv_mm, reflect_conv))
     for key in ("down1", "down2"):
         h = jax.nn.selu(conv(h, layers[key], _down_conv_mm, lambda x, k: _conv(x, k, 2, 1)))
     for blk in layers["blocks"]:
-        r = jax.nn.relu(conv(h, blk["conv1"], _block_conv_mm, reflect_conv))
-        h = h + conv(r, blk["conv2"], _block_conv_mm, reflect_conv)
+        r = jax.nn.relu(conv(h, blk["conv1"], _reflect_conv_mm, reflect_conv))
+        h = h + conv(r, blk["conv2"], _reflect_conv_mm, reflect_conv)
     for key in ("up1", "up2"):
         h = jax.nn.selu(conv(h, layers[key], _up_conv_mm,
                              lambda x, k: conv_transpose(x, k, (2, 1, 1))))
-    return lin(reflect_conv(h, layers["out"]["kernel"]), layers["out"])
+    out = layers["out"]
+    if "taps" in out:
+        return lin(_taps_conv_mm(h, out["taps"], out["bias"].shape[0]), out)
+    return lin(reflect_conv(h, out["kernel"]), out)
 
 
 def _generator_output(layers: dict, delta_p, x, eps: float):
