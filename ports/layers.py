@@ -41,7 +41,8 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, *, bia
     through `cpu_conv`: a strided one takes its input gradient by space-to-depth, a large
     3x3 one is computed by Winograd.
     """
-    fast = (stride > 1 or (kernel, stride, padding) == (3, 1, 1)) and jax.default_backend() == "cpu"
+    fast = ((stride > 1 or (kernel, stride, padding) == (3, 1, 1))
+            and jax.default_backend() == "cpu")
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=bias,
                    dtype=dtype, kernel_init=kernel_init, name=name,

@@ -95,7 +95,8 @@ def conv3x3_winograd(xp: jax.Array, u: jax.Array) -> jax.Array:
                                preferred_element_type=jnp.float32)       # (n*n, tiles, O)
     prod = prod.reshape(n, n, b, h // m, w // m, -1)
     half = [_combine([prod[a, q] for a in range(n)], at) for q in range(n)]    # [q][p]
-    y = [_combine([half[q][p] for q in range(n)], at) for p in range(m)]   # [p][r]: (B, H/m, W/m, O)
+    # [p][r]: (B, H/m, W/m, O)
+    y = [_combine([half[q][p] for q in range(n)], at) for p in range(m)]
     y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)       # (B, H/m, m, W/m, m, O)
     return y.reshape(b, h, w, -1)
 
