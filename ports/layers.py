@@ -27,7 +27,8 @@ Initializer = Callable[..., jax.Array]
 __all__ = [
     "affine_params", "conv2d", "reflect_conv2d", "reflect_conv", "conv_transpose2d",
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
-    "conv_transpose_cpu_form", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "dense", "reflect_pad",
+    "conv_transpose_cpu_form", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "dense",
+    "reflect_pad",
     "InstanceNorm", "BatchNorm", "clamp", "PReLU", "flatten_nchw",
 ]
 
@@ -214,10 +215,10 @@ class ConvTranspose2d(nn.Module):
     On CPU, where the geometry allows (`subpixel_fits`), the forward goes by phases
     (`conv_transpose_phases`: one stride-1 conv per output phase over its real taps) and the
     kernel gradient by the sub-pixel form (`conv_transpose_subpixel`); the input gradient is
-    XLA's own (a strided conv). XLA:CPU runs the
-    direct forward as an input-dilated convolution, 1.5-2.6x slower (k4 s2, 128 -> 64 channels
-    at 128 px, batch 4: 202 against 78 ms, 2-core EPYC), and the direct kernel gradient as a
-    generic one, 10-20x slower (at 256 px two of them were a quarter of the train step).
+    XLA's own (a strided conv). XLA:CPU runs the direct forward as an input-dilated
+    convolution, 1.5-2.6x slower (k4 s2, 128 -> 64 channels at 128 px, batch 4: 202 against
+    78 ms, 2-core EPYC), and the direct kernel gradient as a generic one, 10-20x slower (at
+    256 px two of them were a quarter of the train step).
     """
     features: int
     kernel_size: int
@@ -364,10 +365,11 @@ def conv_transpose_phases(x: jax.Array, kernel: jax.Array, geometry: tuple) -> j
         for v0, taps_w in phases:
             sub = kernel[taps_h[:, None], taps_w[None, :]]                 # (kh', kw', O, I)
             sub = jnp.transpose(sub, (0, 1, 3, 2))
-            pads = ((-u0, m_h + u0 + len(taps_h) - 1 - h), (-v0, m_w + v0 + len(taps_w) - 1 - w))
+            pads = ((-u0, m_h + u0 + len(taps_h) - 1 - h),
+                    (-v0, m_w + v0 + len(taps_w) - 1 - w))
             cols.append(_padded_conv(x, sub, pads))
-        rows.append(jnp.stack(cols, axis=3))                                 # (B, m_h, m_w, s, O)
-    y = jnp.stack(rows, axis=2)                                              # (B, m_h, s, m_w, s, O)
+        rows.append(jnp.stack(cols, axis=3))                        # (B, m_h, m_w, s, O)
+    y = jnp.stack(rows, axis=2)                                     # (B, m_h, s, m_w, s, O)
     return y.reshape(b, out_h, out_w, o)
 
 

@@ -3,7 +3,8 @@
 
 An m x m output tile is AT [(G g GT) * (BT d B)] A over its (m + 2)^2 input tile d: the kernel
 is transformed once (`winograd_kernel`), the input's tiles by adds of shifted views (fused by
-XLA), and the (m + 2)^2 products (C x O) are batched matrix products. Multiply-adds per output:
+XLA), and the (m + 2)^2 products (C x O) are 2-D matrix products, one per tile position.
+Multiply-adds per output:
 
     tile 2: 16/36 of the direct conv's, error ~1e-6 of the output's scale (float32 rounding)
     tile 4: 36/144, error ~1e-5 (the larger transform coefficients amplify rounding)
