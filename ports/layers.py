@@ -27,7 +27,7 @@ Initializer = Callable[..., jax.Array]
 __all__ = [
     "affine_params", "conv2d", "reflect_conv2d", "reflect_conv", "conv_transpose2d",
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
-    "conv_transpose_cpu_form", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "dense",
+    "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "dense",
     "reflect_pad",
     "InstanceNorm", "BatchNorm", "clamp", "PReLU", "flatten_nchw",
 ]
@@ -347,11 +347,14 @@ def conv_transpose_phases(x: jax.Array, kernel: jax.Array, geometry: tuple) -> j
     """`conv_transpose` as stride^2 stride-1 convolutions, one per output phase over only its
     real taps (k4 s2: four 2x2 convs), interleaved: the direct form's multiply-adds in
     ordinary convolutions, which XLA:CPU runs several times faster than its input-dilated
-    one. x (B, H, W, I); kernel (k, k, O, I) as `ConvTranspose2d` holds it; the output size a
-    multiple of the stride (`subpixel_fits`)."""
+    one. x (B, H, W, I); kernel (k, k, O, I) as `ConvTranspose2d` holds it, k >= stride (every
+    phase has a tap); the output size a multiple of the stride (`subpixel_fits`)."""
     stride, padding, _ = geometry
     k, _, o, _ = kernel.shape
     b, h, w, _ = x.shape
+    if k < stride:
+        raise ValueError(f"conv_transpose_phases: kernel {k} < stride {stride} leaves a phase "
+                         "without taps; use the direct form")
     fit = _subpixel_geometry(x.shape, kernel.shape, geometry)
     if fit is None:
         raise ValueError(f"conv_transpose_phases: geometry {geometry} on input {x.shape[1:3]} "
@@ -383,10 +386,11 @@ def _conv_transpose_kernel_grad_form(x: jax.Array, kernel: jax.Array,
     return conv_transpose(x, kernel, geometry)
 
 
-def conv_transpose_cpu_form(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
-    """`conv_transpose`'s forward in the form XLA:CPU runs fastest: by phases
+def conv_transpose_forward(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
+    """`conv_transpose`'s forward in the form the backend runs fastest: on CPU by phases
     (`conv_transpose_phases`) where the geometry allows, else the direct one."""
-    if subpixel_fits(x.shape, kernel.shape, geometry):
+    if (jax.default_backend() == "cpu" and kernel.shape[0] >= geometry[0]
+            and subpixel_fits(x.shape, kernel.shape, geometry)):
         return conv_transpose_phases(x, kernel, geometry)
     return conv_transpose(x, kernel, geometry)
 
@@ -394,7 +398,7 @@ def conv_transpose_cpu_form(x: jax.Array, kernel: jax.Array, geometry: tuple) ->
 # The input gradient stays the direct form's (a strided conv, which XLA:CPU runs well): the
 # phases' one was no faster overall (k4 s2 at batch 4: 256 -> 128 at 64 px 58 against 78 ms,
 # 128 -> 64 at 128 px 117 against 78 ms).
-_conv_transpose_cpu = _with_gradients_of(conv_transpose_cpu_form, conv_transpose,
+_conv_transpose_cpu = _with_gradients_of(conv_transpose_forward, conv_transpose,
                                          _conv_transpose_kernel_grad_form)
 
 

@@ -1,6 +1,6 @@
 """ports.layers' CPU fast paths: ConvTranspose2d (flax's ConvTranspose numbers, forward and
-gradients, through the phases and sub-pixel forms) and strided conv2d (nn.Conv's numbers, its input
-gradient through space-to-depth); the two forms themselves."""
+gradients, through the phases and sub-pixel forms) and strided conv2d (nn.Conv's numbers, its
+input gradient through space-to-depth); the forms themselves."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +58,8 @@ def test_phases_form_equals_the_direct_one(k, p, op):
     np.testing.assert_allclose(vjp_got(g)[0], dx, atol=1e-5 * float(jnp.max(jnp.abs(dx))))
     with pytest.raises(ValueError, match="not a multiple of the stride"):
         conv_transpose_phases(x, kernel, (2, p, op + 1))
+    with pytest.raises(ValueError, match="without taps"):
+        conv_transpose_phases(x, kernel[:1, :1], (2, 0, 1))
 
 
 @pytest.mark.parametrize("k,p,op", GEOMETRIES)

@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 
 from idguard_jax.generator import Generator, GeneratorConfig, generator_input, within_budget
-from ports.layers import conv_transpose, conv_transpose_cpu_form, reflect_conv, reflect_pad
+from ports.layers import conv_transpose_forward, reflect_conv, reflect_pad
 from ports.winograd import conv3x3_winograd, winograd_fits, winograd_kernel
 
 __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers", "prepare",
@@ -258,14 +258,6 @@ def winograd_layers(folded: dict, cfg: GeneratorConfig) -> dict:
 # ------------------------------------------------------------------------------ the forward
 
 
-def _up_conv(x, kernel):
-    """The up-sampling k3 s2 p1 op1 transposed conv (float32): on CPU by phases (XLA's direct
-    form is an input-dilated convolution, slower there), else the backend's."""
-    if jax.default_backend() == "cpu":
-        return conv_transpose_cpu_form(x, kernel, (2, 1, 1))
-    return conv_transpose(x, kernel, (2, 1, 1))
-
-
 def _forward(layers: dict, g_in):
     """The folded generator on g_in (B, H, W, 6) float32 -> pre-tanh (B, H, W, 3): a layer
     holding a 'matrix' (matrix_layers) is a bfloat16 product, one holding 'winograd'
@@ -288,7 +280,8 @@ def _forward(layers: dict, g_in):
         r = jax.nn.relu(conv(h, blk["conv1"], _reflect_conv_mm, reflect_conv))
         h = h + conv(r, blk["conv2"], _reflect_conv_mm, reflect_conv)
     for key in ("up1", "up2"):
-        h = jax.nn.selu(conv(h, layers[key], _up_conv_mm, _up_conv))
+        h = jax.nn.selu(conv(h, layers[key], _up_conv_mm,
+                             lambda x, k: conv_transpose_forward(x, k, (2, 1, 1))))
     out = layers["out"]
     if "taps" in out:
         return lin(_taps_conv_mm(h, out["taps"], out["bias"].shape[0]), out)
