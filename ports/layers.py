@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.custom_derivatives import SymbolicZero
 
 from ports.winograd import conv3x3_same, winograd_fits
 
@@ -29,7 +30,7 @@ __all__ = [
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
     "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "dense",
     "reflect_pad",
-    "InstanceNorm", "BatchNorm", "clamp", "PReLU", "flatten_nchw",
+    "InstanceNorm", "BatchNorm", "normalize", "clamp", "PReLU", "flatten_nchw",
 ]
 
 
@@ -439,6 +440,66 @@ def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]
     return mean, var
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, axes: tuple[int, ...],
+              epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(y, mean, var): x float32 normalised with its biased statistics over `axes`, then
+    y = (x - mean) * rsqrt(var + epsilon) * scale + bias; mean and var keep x's rank.
+
+    The gradient is the closed form, not autodiff's through the two-pass moments (XLA:CPU ran
+    that 2.5-3x slower: BatchNorm 64 ch at 256 px, batch 2, 55 against 18 ms, 2-core EPYC).
+    It is written as dx = a * g + c * (x - mean) + b with per-group a, b, c (two reductions,
+    one elementwise pass), not through x-hat: XLA:CPU's library fusions ("ynn_fusion") pull
+    that pass into the next convolution and materialise every full-size broadcast fed to them,
+    which made a StarGAN whose weights are jit constants 1.7x slower in the x-hat form (3.5
+    against 2.0 s forward + dx, batch 4) and leaves it within noise in this one (2.08 s).
+    The forward is the same operations as before, so the same numbers to the bit."""
+    return _normalize_fwd(x, scale, bias, axes, epsilon)[0]
+
+
+def _normalize_fwd(x, scale, bias, axes, epsilon):
+    mean, var = _moments(x, axes)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    centred = x - mean
+    y = centred * rstd * scale + bias
+    return (y, mean, var), (centred, rstd, scale)
+
+
+def _normalize_bwd(axes, epsilon, residuals, cotangents):
+    # dx = a * gy + c * centred + b with per-group coefficients, so that the only full-size
+    # work is two plain reductions and one elementwise pass (XLA:CPU's library fusions
+    # materialise every full-size broadcast they are fed).
+    centred, rstd, scale = residuals
+    gy, gmean, gvar = cotangents
+    n = float(np.prod([centred.shape[a] for a in axes]))
+    if isinstance(gy, SymbolicZero):                  # only the statistics are used
+        sum_g = sum_gc = jnp.zeros_like(rstd)
+        dx = jnp.zeros_like(centred)
+    else:
+        sum_g = jnp.sum(gy, axis=axes, keepdims=True)
+        sum_gc = jnp.sum(gy * centred, axis=axes, keepdims=True)
+        a = rstd * scale
+        b = -a * sum_g / n
+        c = -a * rstd * rstd * sum_gc / n
+        dx = gy * a + centred * c + b
+    # the statistics' own uses (rare): d mean = 1/n, d var = 2 (x - mean) / n
+    if not isinstance(gmean, SymbolicZero):
+        dx = dx + gmean / n
+    if not isinstance(gvar, SymbolicZero):
+        dx = dx + centred * (gvar * (2.0 / n))
+    group_axes = tuple(range(centred.ndim - 1))
+    dscale = jnp.sum(sum_gc * rstd, axis=group_axes).reshape(scale.shape)
+    dbias = jnp.sum(sum_g, axis=group_axes).reshape(scale.shape)
+    return dx, dscale, dbias
+
+
+def _normalize_fwd_symbolic(x, scale, bias, axes, epsilon):
+    return _normalize_fwd(x.value, scale.value, bias.value, axes, epsilon)
+
+
+normalize.defvjp(_normalize_fwd_symbolic, _normalize_bwd, symbolic_zeros=True)
+
+
 class InstanceNorm(nn.Module):
     """torch.nn.InstanceNorm2d(C, affine=True) normalising with per-image statistics.
 
@@ -453,8 +514,7 @@ class InstanceNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         scale, bias = affine_params(self, c)
-        mean, var = _moments(x, (1, 2))
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        y, _, _ = normalize(x.astype(jnp.float32), scale, bias, (1, 2), self.epsilon)
         return y.astype(self.dtype or x.dtype)
 
 
@@ -478,15 +538,15 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
-        else:
-            m, v = _moments(x, (0, 1, 2))
+            y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+            return y.astype(self.dtype or x.dtype)
+        y, m, v = normalize(x.astype(jnp.float32), scale, bias, (0, 1, 2), self.epsilon)
+        if not self.is_initializing():
             mean, var = m.reshape(c), v.reshape(c)
-            if not self.is_initializing():
-                n = x.size // c
-                unbiased = var * (n / max(n - 1, 1))
-                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+            n = x.size // c
+            unbiased = var * (n / max(n - 1, 1))
+            ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+            ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
         return y.astype(self.dtype or x.dtype)
 
 

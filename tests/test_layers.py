@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from ports.layers import (conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
-                          conv_transpose_phases, conv_transpose_subpixel)
+                          conv_transpose_phases, conv_transpose_subpixel, normalize)
 from ports.winograd import conv3x3_winograd, winograd_kernel
 
 # (kernel, padding, output_padding): the generator's, StarGAN/RelGAN's, and two odd ones.
@@ -218,3 +218,35 @@ def test_large_3x3_conv_by_winograd_with_its_gradients():
         else:
             assert "convolution(" in fwd_dx
             np.testing.assert_array_equal(y, y_ref)
+
+
+def _normalize_by_autodiff(x, scale, bias, axes, epsilon):
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("axes", [(1, 2), (0, 1, 2)])     # InstanceNorm's, BatchNorm's
+@pytest.mark.parametrize("uses", ["output", "all", "statistics"])
+def test_normalize_closed_form_gradient_equals_autodiff(axes, uses):
+    kx, ks, kb, kg = jax.random.split(jax.random.key(3), 4)
+    x = 3.0 * jax.random.normal(kx, (2, 5, 6, 4)) + 1.5
+    scale = 1.0 + 0.3 * jax.random.normal(ks, (4,))
+    bias = 0.2 * jax.random.normal(kb, (4,))
+    weights = jax.random.normal(kg, x.shape)
+
+    def loss(norm):
+        def f(x, scale, bias):
+            y, mean, var = norm(x, scale, bias, axes, 1e-5)
+            terms = {"output": [jnp.sum(jnp.sin(y) * weights)],
+                     "statistics": [jnp.sum(jnp.cos(mean)), jnp.sum(jnp.sqrt(var))]}
+            terms["all"] = terms["output"] + terms["statistics"]
+            return sum(terms[uses])
+        return f
+
+    np.testing.assert_array_equal(normalize(x, scale, bias, axes, 1e-5)[0],
+                                  _normalize_by_autodiff(x, scale, bias, axes, 1e-5)[0])
+    got = jax.grad(loss(normalize), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(loss(_normalize_by_autodiff), argnums=(0, 1, 2))(x, scale, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()) + 1e-7)

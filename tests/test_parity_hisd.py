@@ -215,3 +215,23 @@ def test_bfloat16_compute_stays_close():
     scale = max(1.0, float(jnp.max(jnp.abs(image32))))
     print(f"bfloat16 vs float32: max abs error {err:.3g} (output scale {scale:.3g})")
     assert err < 0.05 * scale  # measured 0.046 at scale 2.05
+
+
+def test_standardize_closed_form_gradient_equals_autodiff():
+    """HiSD's IN statistics (unbiased std, eps on the std): the same forward to the bit as the
+    plain formula, and its gradient."""
+    def plain(x):
+        n = x.shape[1] * x.shape[2]
+        mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+        var = jnp.sum(jnp.square(x - mean), axis=(1, 2), keepdims=True) / (n - 1)
+        return (x - mean) / (jnp.sqrt(var) + hisd._EPS)
+
+    kx, kg = jax.random.split(jax.random.key(5))
+    x = 2.0 * jax.random.normal(kx, (2, 5, 6, 3)) - 0.7
+    weights = jax.random.normal(kg, x.shape)
+    np.testing.assert_array_equal(hisd._standardize(x), plain(x))
+    got, want = (jax.grad(lambda x: jnp.sum(jnp.sin(f(x)) * weights))(x)
+                 for f in (hisd._standardize, plain))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    bf16 = x.astype(jnp.bfloat16)
+    assert jax.grad(lambda x: jnp.sum(hisd._standardize(x)[..., 0]))(bf16).dtype == jnp.bfloat16
