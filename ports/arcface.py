@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ports.layers import BatchNorm, PReLU, conv2d, dense, flatten_nchw
+from ports.layers import BatchNorm, PReLU, conv2d, dense, flatten_nchw, max_pool_2x2
 
 __all__ = ["ArcFaceSEIR", "PReLU", "flatten_nchw", "STAGE_WIDTHS"]
 
@@ -108,7 +108,7 @@ class ArcFaceSEIR(nn.Module):
         if self.dtype is not None:
             x = x.astype(self.dtype)
         h = self.prelu(self.bn1(self.conv1(x), use_running_average=True))
-        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        h = max_pool_2x2(h)
         for stage in range(1, len(STAGE_WIDTHS) + 1):
             for block in getattr(self, f"layer{stage}"):
                 h = block(h)

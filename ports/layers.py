@@ -30,7 +30,7 @@ __all__ = [
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
     "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "dense",
     "reflect_pad",
-    "InstanceNorm", "BatchNorm", "normalize", "clamp", "PReLU", "flatten_nchw",
+    "InstanceNorm", "BatchNorm", "normalize", "clamp", "PReLU", "flatten_nchw", "max_pool_2x2",
 ]
 
 
@@ -564,6 +564,45 @@ class PReLU(nn.Module):
                            jnp.float32)
         # where(x > 0) rather than max/min: torch's gradient at exactly 0 is the slope's.
         return jnp.where(x > 0, x, slope.astype(x.dtype) * x)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """torch's max_pool2d(x, 2, 2) of x (B, H, W, C), H and W even -> (B, H/2, W/2, C).
+
+    The gradient goes to the first maximum of each window in row-major order, torch's choice
+    and nn.max_pool's (XLA's select-and-scatter), but as one elementwise pass: XLA:CPU runs
+    nn.max_pool's gradient as a variadic reduce-window over five index iotas of the input's
+    size (ArcFace's 110 px pool at batch 8: ~25 ms per call, ~0.45 s of a 64 px step)."""
+    return _pool_windows(x).max(axis=(2, 4))
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"max_pool_2x2: height and width must be even, got {x.shape[1:3]}")
+    return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_2x2_fwd(x):
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_2x2_bwd(residuals, g):
+    x, y = residuals
+    windows = _pool_windows(x)
+    hit = [[windows[:, :, i, :, j] == y for j in (0, 1)] for i in (0, 1)]
+    taken = jnp.zeros_like(y, dtype=bool)
+    first = [[None, None], [None, None]]
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):      # row-major: the first maximum wins
+        first[i][j] = hit[i][j] & ~taken
+        taken = taken | hit[i][j]
+    mask = jnp.stack([jnp.stack(row, axis=3) for row in first], axis=2)
+    return (jnp.where(mask, g[:, :, None, :, None], 0).astype(x.dtype).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def flatten_nchw(x: jax.Array) -> jax.Array:

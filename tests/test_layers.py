@@ -8,7 +8,8 @@ import pytest
 from flax import linen as nn
 
 from ports.layers import (conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
-                          conv_transpose_phases, conv_transpose_subpixel, normalize)
+                          conv_transpose_phases, conv_transpose_subpixel, max_pool_2x2,
+                          normalize)
 from ports.winograd import conv3x3_winograd, winograd_kernel
 
 # (kernel, padding, output_padding): the generator's, StarGAN/RelGAN's, and two odd ones.
@@ -250,3 +251,24 @@ def test_normalize_closed_form_gradient_equals_autodiff(axes, uses):
     want = jax.grad(loss(_normalize_by_autodiff), argnums=(0, 1, 2))(x, scale, bias)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()) + 1e-7)
+
+
+def test_max_pool_2x2_is_nn_max_pool_with_its_gradient_on_ties():
+    """Forward and gradient to the bit, where windows tie (ReLU zeros, a flat region): the
+    first maximum in row-major order takes the gradient, as torch's and XLA's pool do."""
+    kx, kg = jax.random.split(jax.random.key(4))
+    x = jax.nn.relu(jax.random.normal(kx, (2, 6, 8, 3)))
+    x = x.at[:, :2, :4].set(0.5)                                 # every window tied
+    g = jax.random.normal(kg, (2, 3, 4, 3))
+
+    def reference(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+    got = jax.vjp(max_pool_2x2, x)[1](g)[0]
+    np.testing.assert_array_equal(got, jax.vjp(reference, x)[1](g)[0])
+    assert int(jnp.count_nonzero(got[:, :2, :4])) == 2 * 2 * 3   # one position per window
+    batched = jax.vmap(lambda x, g: jax.vjp(max_pool_2x2, x)[1](g)[0])(x[:, None], g[:, None])
+    np.testing.assert_array_equal(batched[:, 0], got)
+    with pytest.raises(ValueError, match="even"):
+        max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
