@@ -249,7 +249,9 @@ class DownBlock(nn.Module):
         dt, in_dim = self.dtype, x.shape[-1]
         norm1 = InstanceNorm(dt, name="in1") if self.normalize else (lambda h: h)
         norm2 = InstanceNorm(dt, name="in2") if self.normalize else (lambda h: h)
-        residual = _avg_pool2(_conv1(self.out_dim, "sc", dt, bias=False)(x))
+        # pool(sc(x)) as sc(pool(x)): the same linear map (a 1x1 conv without bias) at a
+        # quarter of the pixels, and XLA:CPU fuses a conv followed by the pool's sum badly
+        residual = _conv1(self.out_dim, "sc", dt, bias=False)(_avg_pool2(x))
         h = _avg_pool2(_conv3(in_dim, "conv1", dt)(_leaky_relu(norm1(x))))
         h = _conv3(self.out_dim, "conv2", dt)(_leaky_relu(norm2(h)))
         return (residual + h) / math.sqrt(2)
