@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ports.layers import (conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
+from ports.layers import (Conv3x3Resampled, conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
                           conv_transpose_phases, conv_transpose_subpixel, max_pool_2x2,
                           normalize)
 from ports.winograd import conv3x3_winograd, winograd_kernel
@@ -272,3 +272,48 @@ def test_max_pool_2x2_is_nn_max_pool_with_its_gradient_on_ties():
     np.testing.assert_array_equal(batched[:, 0], got)
     with pytest.raises(ValueError, match="even"):
         max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
+
+
+class _Conv3x3ThenResample(nn.Module):
+    """What Conv3x3Resampled replaces: nearest x2 upsample then conv3x3, or conv3x3 then a 2x2
+    average pool; the same parameter paths."""
+    features: int
+    resample: str
+
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv")
+        if self.resample == "up":
+            return conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        y = conv(x)
+        return y.reshape(y.shape[0], y.shape[1] // 2, 2, y.shape[2] // 2, 2, -1).mean((2, 4))
+
+
+@pytest.mark.parametrize("resample", ["up", "down"])
+def test_resampled_conv3x3_equals_the_conv_and_resample_it_replaces(resample):
+    """Forward and gradients (x, kernel, bias) of the fused forms against the two-step ones,
+    on a non-square image with a bias away from zero; params under the same names."""
+    x = jax.random.normal(jax.random.key(5), (2, 6, 10, 3))
+    ours = Conv3x3Resampled(4, resample)
+    ref = _Conv3x3ThenResample(4, resample)
+    params = jax.tree.map(lambda v: v + 0.3, ref.init(jax.random.key(6), x)["params"]["conv"])
+    assert (jax.tree.structure(ours.init(jax.random.key(6), x)["params"])
+            == jax.tree.structure(params))
+    want = ref.apply({"params": {"conv": params}}, x)
+    np.testing.assert_allclose(ours.apply({"params": params}, x), want,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+
+    got = jax.grad(lambda p, x: jnp.sum(jnp.sin(ours.apply({"params": p}, x))), (0, 1))(
+        params, x)
+    exp = jax.grad(lambda p, x: jnp.sum(jnp.sin(ref.apply({"params": {"conv": p}}, x))),
+                   (0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(exp)):
+        np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_resampled_conv3x3_refusals():
+    x = jnp.zeros((1, 5, 4, 2))
+    with pytest.raises(ValueError, match="even"):
+        Conv3x3Resampled(3, "down").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="'up' or 'down'"):
+        Conv3x3Resampled(3, "sideways").init(jax.random.key(0), x)
