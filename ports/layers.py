@@ -28,7 +28,8 @@ Initializer = Callable[..., jax.Array]
 __all__ = [
     "affine_params", "conv2d", "reflect_conv2d", "reflect_conv", "conv_transpose2d",
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
-    "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "dense",
+    "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "conv_by_taps",
+    "dense",
     "reflect_pad", "Conv3x3Resampled", "upsample2_conv3x3", "conv3x3_avg_pool2",
     "InstanceNorm", "BatchNorm", "normalize", "clamp", "PReLU", "flatten_nchw", "max_pool_2x2",
 ]
@@ -41,10 +42,9 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, *, bia
 
     Kernel layout HWIO = torch weight (O, I, kh, kw) transposed (2, 3, 1, 0). On CPU it runs
     through `cpu_conv`: a strided one takes its input gradient by space-to-depth, a large
-    3x3 one is computed by Winograd.
+    3x3 one is computed by Winograd, every one takes its kernel gradient tap by tap.
     """
-    fast = ((stride > 1 or (kernel, stride, padding) == (3, 1, 1))
-            and jax.default_backend() == "cpu")
+    fast = jax.default_backend() == "cpu"
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)), use_bias=bias,
                    dtype=dtype, kernel_init=kernel_init, name=name,
@@ -81,7 +81,9 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
     - 3x3, stride 1, zero padding 1, float32, >= WINOGRAD_MIN_PIXELS and
       WINOGRAD_MIN_CHANNELS: `ports.winograd.conv3x3_same` with F(4x4, 3x3), forward and input
       gradient (the targets' residual blocks); error ~1e-5 of the output's scale.
-    - anything else: XLA's convolution."""
+    - any other plain one: XLA's forward and input gradient.
+    Every plain one with >= TAPS_MIN_CHANNELS channels in and out takes its kernel gradient by
+    `conv_by_taps` (one 2-D product per tap). Anything else: XLA's convolution."""
     args = (lhs, rhs, window_strides, padding)
     kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                   dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -91,17 +93,48 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
              and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
              and dimension_numbers in (None, jax.lax.conv_dimension_numbers(
                  lhs.shape, rhs.shape, _NHWC)))
-    if plain and any(s > 1 for s in window_strides):
-        return _strided_conv_fast_dx(lhs, rhs, (tuple(window_strides),
-                                                 tuple(tuple(p) for p in padding)))
-    if plain and _winograd_worth(*args):
+    if not plain:
+        return jax.lax.conv_general_dilated(*args, **kwargs)
+    geometry = (tuple(window_strides), tuple(tuple(p) for p in padding))
+    if any(s > 1 for s in window_strides):
+        fn = _strided_conv_fast_dx_dk if _taps_worth(rhs.shape) else _strided_conv_fast_dx
+        return fn(lhs, rhs, geometry)
+    if _winograd_worth(*args):
         return conv3x3_same(lhs, rhs, 4)
+    if _taps_worth(rhs.shape):
+        return _conv_fast_dk(lhs, rhs, geometry)
     return jax.lax.conv_general_dilated(*args, **kwargs)
 
 
 def _direct_conv(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
     strides, padding = geometry
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def conv_by_taps(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
+    """The convolution of `_direct_conv` as a sum over the kernel's taps of 2-D products
+    (B*Ho*Wo, I) @ (I, O), each of a strided view of the padded input. Its forward is slow;
+    it exists for its transpose in the kernel: per tap ONE product view^T @ g, contracting
+    over batch and pixels (B*Ho*Wo). XLA:CPU computes the direct conv's kernel gradient as a
+    convolution whose features are the batch (a contraction of 2 at batch 2): 3x3, 256
+    channels at 64 px, batch 2, ~265 ms per conv on a 2-core Xeon, 12 of them in the
+    generator. geometry: (strides (sh, sw), padding ((lo, hi), (lo, hi))), a negative pad a
+    crop."""
+    (sh, sw), padding = geometry
+    kh, kw, i, o = kernel.shape
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*padding[0], 0),
+                                                 (*padding[1], 0), (0, 0, 0)])
+    b, hp, wp, _ = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    y = None
+    for ky in range(kh):
+        for kx in range(kw):
+            view = jax.lax.slice(xp, (0, ky, kx, 0),
+                                 (b, ky + sh * (ho - 1) + 1, kx + sw * (wo - 1) + 1, i),
+                                 (1, sh, sw, 1))
+            term = jnp.dot(view.reshape(-1, i), kernel[ky, kx])
+            y = term if y is None else y + term
+    return y.reshape(b, ho, wo, o)
 
 
 def conv_space_to_depth(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
@@ -154,7 +187,18 @@ def _with_gradients_of(forward: Callable, dx_form: Callable, dk_form: Callable) 
     return fn
 
 
+# A kernel gradient goes by taps where both channel counts reach this (a 7x7 conv 64 -> 3 at
+# 256 px, batch 2: 49 views of the input and products of width 3, 3.5 s against XLA's 0.23 s).
+TAPS_MIN_CHANNELS = 32
+
+
+def _taps_worth(kernel_shape: tuple) -> bool:
+    return min(kernel_shape[-2:]) >= TAPS_MIN_CHANNELS
+
+
 _strided_conv_fast_dx = _with_gradients_of(_direct_conv, conv_space_to_depth, _direct_conv)
+_strided_conv_fast_dx_dk = _with_gradients_of(_direct_conv, conv_space_to_depth, conv_by_taps)
+_conv_fast_dk = _with_gradients_of(_direct_conv, _direct_conv, conv_by_taps)
 
 
 def reflect_conv2d(x: jax.Array, features: int, kernel: int, *, bias: bool, name: str,
@@ -294,12 +338,14 @@ def subpixel_fits(x_shape: tuple, kernel_shape: tuple, geometry: tuple) -> bool:
     return _subpixel_geometry(x_shape, kernel_shape, geometry) is not None
 
 
-def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
+def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array, geometry: tuple, *,
+                            by_taps: bool = False) -> jax.Array:
     """`conv_transpose` as ONE stride-1 convolution to stride^2 * O channels followed by
     depth-to-space (the sub-pixel form): the same numbers to float32 rounding, and on XLA:CPU
     every gradient of it is an ordinary convolution. x (B, H, W, I); kernel (k, k, O, I) as
     `ConvTranspose2d` holds it; the output size must be a multiple of the stride and need no
-    cropping (`subpixel_fits`)."""
+    cropping (`subpixel_fits`). `by_taps`: the stride-1 conv as `conv_by_taps` (for its
+    kernel gradient)."""
     stride = geometry[0]
     k, _, o, i = kernel.shape
     b = x.shape[0]
@@ -314,7 +360,10 @@ def conv_transpose_subpixel(x: jax.Array, kernel: jax.Array, geometry: tuple) ->
     sub = padded[taps[:, None, :, None], taps[None, :, None, :]]    # (ku, ku, s, s, O, I)
     sub = jnp.transpose(sub, (0, 1, 5, 2, 3, 4)).reshape(ku, ku, i, stride * stride * o)
     m_h, m_w = out_h // stride, out_w // stride
-    y = jax.lax.conv_general_dilated(x, sub, (1, 1), pads, dimension_numbers=_NHWC)
+    if by_taps:
+        y = conv_by_taps(x, sub, ((1, 1), tuple(pads)))
+    else:
+        y = jax.lax.conv_general_dilated(x, sub, (1, 1), pads, dimension_numbers=_NHWC)
     y = y.reshape(b, m_h, m_w, stride, stride, o)
     return jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(b, out_h, out_w, o)
 
@@ -383,7 +432,7 @@ def _conv_transpose_kernel_grad_form(x: jax.Array, kernel: jax.Array,
     where the geometry allows (the direct one's is a generic input-dilated convolution, 10-20x
     slower), else the direct one."""
     if subpixel_fits(x.shape, kernel.shape, geometry):
-        return conv_transpose_subpixel(x, kernel, geometry)
+        return conv_transpose_subpixel(x, kernel, geometry, by_taps=_taps_worth(kernel.shape))
     return conv_transpose(x, kernel, geometry)
 
 

@@ -123,7 +123,7 @@ def conv3x3_same(x: jax.Array, kernel: jax.Array, tile: int = 2) -> jax.Array:
     """torch's Conv2d(k3, s1, zero padding 1, no bias) on x (B, H, W, C) float32, kernel HWIO,
     by Winograd with `tile`, differentiable: the input gradient is the same Winograd
     convolution of the output gradient with the flipped kernel (in and out channels swapped),
-    the kernel gradient XLA's own of the direct conv (left out by XLA where unused, as for a
+    the kernel gradient `ports.layers.conv_by_taps`' (left out by XLA where unused, as for a
     frozen network)."""
     return conv3x3_winograd(_zero_pad1(x), winograd_kernel(kernel, tile))
 
@@ -139,7 +139,10 @@ def _conv3x3_same_bwd(tile, residuals, g):
     # 256-channel conv, 0.7 of StarGAN's 1.85 s forward + input gradient at 256 px, batch 2)
     u = winograd_kernel(kernel[::-1, ::-1], tile)
     dx = conv3x3_winograd(_zero_pad1(g), u, transposed=True)
-    dk = jax.linear_transpose(lambda k: _direct_same(x, k), kernel)(g)[0]
+    from ports.layers import conv_by_taps      # ports.layers imports this module
+    # (Winograd's sizes reach ports.layers.TAPS_MIN_CHANNELS)
+    dk = jax.linear_transpose(lambda k: conv_by_taps(x, k, ((1, 1), ((1, 1), (1, 1)))),
+                              kernel)(g)[0]
     return dx.astype(x.dtype), dk
 
 

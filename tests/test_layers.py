@@ -64,10 +64,13 @@ def test_phases_form_equals_the_direct_one(k, p, op):
 
 
 @pytest.mark.parametrize("k,p,op", GEOMETRIES)
-def test_conv_transpose_matches_flax_forward_and_gradients(k, p, op):
+@pytest.mark.parametrize("channels", [(5, 7), (32, 32)])          # (32, 32): dk by taps
+def test_conv_transpose_matches_flax_forward_and_gradients(k, p, op, channels):
     rng = np.random.default_rng(k * 10 + op)
-    x = jnp.asarray(rng.standard_normal((2, 6, 6, 5)), jnp.float32)
-    ours, ref = conv_transpose2d(7, k, 2, p, op, bias=True), _flax_reference(7, k, p, op)
+    c_in, c_out = channels
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, c_in)), jnp.float32)
+    ours = conv_transpose2d(c_out, k, 2, p, op, bias=True)
+    ref = _flax_reference(c_out, k, p, op)
     variables = ours.init(jax.random.key(0), x)
     variables = jax.tree.map(lambda a: a + 0.1, variables)     # a nonzero bias too
     assert (jax.tree.map(jnp.shape, variables)
@@ -187,8 +190,8 @@ def test_winograd_conv_equals_the_direct_conv(shape, tile, tol):
 def test_large_3x3_conv_by_winograd_with_its_gradients():
     """conv2d(k3, s1, p1) from WINOGRAD_MIN_PIXELS and WINOGRAD_MIN_CHANNELS runs Winograd on
     CPU (no convolution left in its forward or input gradient): output and input gradient
-    within 3e-5 of their scale of the direct conv's, the kernel gradient XLA's own; a smaller
-    one stays the direct conv, to the bit."""
+    within 3e-5 of their scale of the direct conv's, the kernel gradient (by taps) within
+    1e-5; a smaller one stays the direct conv, to the bit."""
     from ports import layers
 
     def direct(v, x):
@@ -214,8 +217,8 @@ def test_large_3x3_conv_by_winograd_with_its_gradients():
                 scale = float(jnp.abs(b).max())
                 err = float(jnp.abs(a - b).max()) / scale
                 assert 0 < err < 3e-5, err
-            np.testing.assert_allclose(dv["params"]["kernel"], dv_ref["params"]["kernel"],
-                                       rtol=1e-5, atol=1e-5)
+            dk, dk_ref = dv["params"]["kernel"], dv_ref["params"]["kernel"]
+            np.testing.assert_allclose(dk, dk_ref, atol=1e-5 * float(jnp.abs(dk_ref).max()))
         else:
             assert "convolution(" in fwd_dx
             np.testing.assert_array_equal(y, y_ref)
@@ -317,3 +320,26 @@ def test_resampled_conv3x3_refusals():
         Conv3x3Resampled(3, "down").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="'up' or 'down'"):
         Conv3x3Resampled(3, "sideways").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", [8, 32])
+def test_conv2d_kernel_gradient_by_taps(stride, channels):
+    """From TAPS_MIN_CHANNELS in and out, conv2d's kernel gradient on CPU is one 2-D product
+    per tap (no convolution left in it), below that XLA's; either way nn.Conv's gradients to
+    1e-5 of their scale."""
+    from ports import layers
+
+    x = jax.random.normal(jax.random.key(7), (2, 10, 12, channels))
+    ours = conv2d(channels, 3, stride, 1, bias=True)
+    ref = nn.Conv(channels, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+    variables = jax.tree.map(lambda v: v + 0.1, ref.init(jax.random.key(8), x))
+    _assert_same_gradients(ours, ref, variables, x)
+
+    def kernel_grad(v, x):
+        return jax.grad(lambda v: jnp.sum(jnp.sin(ours.apply(v, x))))(v)["params"]["kernel"]
+
+    hlo = jax.jit(kernel_grad).lower(variables, x).compile().as_text()
+    # the forward's convolution, and XLA's kernel gradient unless it goes by taps
+    want = 1 if channels >= layers.TAPS_MIN_CHANNELS else 2
+    assert hlo.count(" convolution(") == want, hlo
