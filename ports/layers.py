@@ -52,21 +52,28 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, *, bia
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# A 3x3 stride-1 conv goes Winograd F(4x4, 3x3) on CPU from this many output pixels per image
-# and channels in and out (2-core EPYC, float32, forward and input gradient: 256 ch at 64 px,
-# batch 2, 21.5 -> 16.9 ms, batch 8 82 -> 53 ms; 128 ch at 64 px 10.3 -> 8.2 ms; at 32 px and
-# 256 ch, or 128 px and 64 ch, the direct conv is faster).
-WINOGRAD_MIN_PIXELS = 64 * 64
+# A 3x3 stride-1 float32 conv goes Winograd on CPU from WINOGRAD_MIN_CHANNELS channels in and
+# out: F(4x4, 3x3) from WINOGRAD_LARGE_PIXELS output pixels per image (2-core EPYC, forward and
+# input gradient: 256 ch at 64 px, batch 2, 21.5 -> 16.9 ms; 128 ch at 64 px 10.3 -> 8.2 ms),
+# F(2x2, 3x3) from WINOGRAD_MIN_PIXELS below that (2-core Xeon, batch 8: 128 ch at 28 px
+# 15.0 -> 9.7 ms, tile 4 18.4; 256 ch at 14 px 15.7 -> 10.0 ms: ArcFace's stages; at 56 px and
+# 64 ch tile 2 gained 10%, too little to count on).
 WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_LARGE_PIXELS = 64 * 64
+WINOGRAD_MIN_PIXELS = 14 * 14
 
 
-def _winograd_worth(lhs, rhs, window_strides, padding) -> bool:
+def _winograd_tile(lhs, rhs, window_strides, padding) -> int:
+    """The Winograd tile `cpu_conv` computes this conv with, 0 for none."""
     kh, kw, c, o = rhs.shape
-    return ((kh, kw) == (3, 3) and tuple(window_strides) == (1, 1)
+    pixels = lhs.shape[1] * lhs.shape[2]
+    if not ((kh, kw) == (3, 3) and tuple(window_strides) == (1, 1)
             and tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
             and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-            and lhs.shape[1] * lhs.shape[2] >= WINOGRAD_MIN_PIXELS
-            and min(c, o) >= WINOGRAD_MIN_CHANNELS and winograd_fits(lhs.shape, 4))
+            and min(c, o) >= WINOGRAD_MIN_CHANNELS and pixels >= WINOGRAD_MIN_PIXELS):
+        return 0
+    tile = 4 if pixels >= WINOGRAD_LARGE_PIXELS else 2
+    return tile if winograd_fits(lhs.shape, tile) else 0
 
 
 def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -74,13 +81,14 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
     """`jax.lax.conv_general_dilated` (nn.Conv's `conv_general_dilated`) in the forms XLA:CPU
     runs fast, for a plain NHWC convolution:
 
-    - strided: the forward and the kernel gradient are XLA's own, the input gradient goes
+    - strided: the forward is XLA's own, the input gradient goes
       through `conv_space_to_depth`. XLA:CPU runs the direct input gradient of a strided conv
       (an input-dilated convolution) on its generic path: k4 s2, 64 -> 128 channels at 256 px,
       batch 4: 215 ms against 81 ms (the StarGAN family's and RelGAN's downsampling).
     - 3x3, stride 1, zero padding 1, float32, >= WINOGRAD_MIN_PIXELS and
-      WINOGRAD_MIN_CHANNELS: `ports.winograd.conv3x3_same` with F(4x4, 3x3), forward and input
-      gradient (the targets' residual blocks); error ~1e-5 of the output's scale.
+      WINOGRAD_MIN_CHANNELS: `ports.winograd.conv3x3_same`, forward and input gradient, with
+      F(4x4, 3x3) from WINOGRAD_LARGE_PIXELS (the targets' residual blocks; error ~1e-5 of
+      the output's scale), else F(2x2, 3x3) (ArcFace's stages at 28 and 14 px; ~1e-6).
     - any other plain one: XLA's forward and input gradient.
     Every plain one with >= TAPS_MIN_CHANNELS channels in and out takes its kernel gradient by
     `conv_by_taps` (one 2-D product per tap). Anything else: XLA's convolution."""
@@ -99,8 +107,9 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
     if any(s > 1 for s in window_strides):
         fn = _strided_conv_fast_dx_dk if _taps_worth(rhs.shape) else _strided_conv_fast_dx
         return fn(lhs, rhs, geometry)
-    if _winograd_worth(*args):
-        return conv3x3_same(lhs, rhs, 4)
+    tile = _winograd_tile(*args)
+    if tile:
+        return conv3x3_same(lhs, rhs, tile)
     if _taps_worth(rhs.shape):
         return _conv_fast_dk(lhs, rhs, geometry)
     return jax.lax.conv_general_dilated(*args, **kwargs)

@@ -189,7 +189,8 @@ def test_winograd_conv_equals_the_direct_conv(shape, tile, tol):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU fast paths")
 def test_large_3x3_conv_by_winograd_with_its_gradients():
     """conv2d(k3, s1, p1) from WINOGRAD_MIN_PIXELS and WINOGRAD_MIN_CHANNELS runs Winograd on
-    CPU (no convolution left in its forward or input gradient): output and input gradient
+    CPU (tile 2, tile 4 from WINOGRAD_LARGE_PIXELS; no convolution left in its forward or
+    input gradient): output and input gradient
     within 3e-5 of their scale of the direct conv's, the kernel gradient (by taps) within
     1e-5; a smaller one stays the direct conv, to the bit."""
     from ports import layers
@@ -201,7 +202,9 @@ def test_large_3x3_conv_by_winograd_with_its_gradients():
     ch = layers.WINOGRAD_MIN_CHANNELS
     kx, kg = jax.random.split(jax.random.key(1))
     m = conv2d(ch, 3, 1, 1, bias=False)
-    for shape, winograd in (((1, side, side, ch), True), ((2, side // 2, side // 2, ch), False)):
+    large = int(np.sqrt(layers.WINOGRAD_LARGE_PIXELS))                # tile 4 from there
+    for shape, winograd in (((1, side, side, ch), True), ((1, large, large, ch), True),
+                            ((2, side // 2, side // 2, ch), False)):
         x = jax.random.normal(kx, shape)
         g = jax.random.normal(kg, shape[:3] + (ch,))
         v = m.init(jax.random.key(0), x)
