@@ -178,21 +178,30 @@ def conv_space_to_depth(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax
 def _with_gradients_of(forward: Callable, dx_form: Callable, dk_form: Callable) -> Callable:
     """forward(x, kernel, geometry), a convolution (linear in x and in kernel), whose gradient
     w.r.t. x is dx_form's and w.r.t. kernel is dk_form's (the same function computed another
-    way: the one XLA:CPU runs fast). The gradients are linear transposes: no forward reruns."""
+    way: the one XLA:CPU runs fast). The gradients are linear transposes: no forward reruns.
+    Only the gradients of perturbed inputs are built: a frozen network's kernel gradients
+    never enter the program (XLA would drop them, but only after compiling them)."""
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def fn(x, kernel, geometry):
         return forward(x, kernel, geometry)
 
     def fn_fwd(x, kernel, geometry):
-        return forward(x, kernel, geometry), (x, kernel)
+        # which gradients to build, as the residuals' structure: () wanted, None not
+        wanted = tuple(() if a.perturbed else None for a in (x, kernel))
+        return forward(x.value, kernel.value, geometry), (x.value, kernel.value, wanted)
 
     def fn_bwd(geometry, residuals, g):
-        x, kernel = residuals
-        dx = jax.linear_transpose(lambda x_: dx_form(x_, kernel, geometry), x)
-        dk = jax.linear_transpose(lambda k_: dk_form(x, k_, geometry), kernel)
-        return dx(g)[0], dk(g)[0]
+        x, kernel, (want_dx, want_dk) = residuals
+        if isinstance(g, SymbolicZero):
+            return None, None
+        dx = dk = None
+        if want_dx is not None:
+            dx = jax.linear_transpose(lambda x_: dx_form(x_, kernel, geometry), x)(g)[0]
+        if want_dk is not None:
+            dk = jax.linear_transpose(lambda k_: dk_form(x, k_, geometry), kernel)(g)[0]
+        return dx, dk
 
-    fn.defvjp(fn_fwd, fn_bwd)
+    fn.defvjp(fn_fwd, fn_bwd, symbolic_zeros=True)
     return fn
 
 

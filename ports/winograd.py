@@ -129,21 +129,29 @@ def conv3x3_same(x: jax.Array, kernel: jax.Array, tile: int = 2) -> jax.Array:
 
 
 def _conv3x3_same_fwd(x, kernel, tile):
-    return conv3x3_same(x, kernel, tile), (x, kernel)
+    # which gradients to build, as the residuals' structure: () wanted, None not (a frozen
+    # network's kernel gradient never enters the program)
+    wanted = tuple(() if a.perturbed else None for a in (x, kernel))
+    return conv3x3_same(x.value, kernel.value, tile), (x.value, kernel.value, wanted)
 
 
 def _conv3x3_same_bwd(tile, residuals, g):
-    x, kernel = residuals
-    # the flipped kernel's transform with in and out channels left in place: a transposed
-    # copy fused into the transform's sums read the kernel column-wise (XLA:CPU: ~60 ms per
-    # 256-channel conv, 0.7 of StarGAN's 1.85 s forward + input gradient at 256 px, batch 2)
-    u = winograd_kernel(kernel[::-1, ::-1], tile)
-    dx = conv3x3_winograd(_zero_pad1(g), u, transposed=True)
-    from ports.layers import conv_by_taps      # ports.layers imports this module
-    # (Winograd's sizes reach ports.layers.TAPS_MIN_CHANNELS)
-    dk = jax.linear_transpose(lambda k: conv_by_taps(x, k, ((1, 1), ((1, 1), (1, 1)))),
-                              kernel)(g)[0]
-    return dx.astype(x.dtype), dk
+    x, kernel, (want_dx, want_dk) = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    dx = dk = None
+    if want_dx is not None:
+        # the flipped kernel's transform with in and out channels left in place: a transposed
+        # copy fused into the transform's sums read the kernel column-wise (XLA:CPU: ~60 ms
+        # per 256-channel conv, 0.7 of StarGAN's 1.85 s forward + input gradient at 256 px,
+        # batch 2)
+        u = winograd_kernel(kernel[::-1, ::-1], tile)
+        dx = conv3x3_winograd(_zero_pad1(g), u, transposed=True).astype(x.dtype)
+    if want_dk is not None:
+        from ports.layers import conv_by_taps      # ports.layers imports this module
+        dk = jax.linear_transpose(lambda k: conv_by_taps(x, k, ((1, 1), ((1, 1), (1, 1)))),
+                                  kernel)(g)[0]
+    return dx, dk
 
 
-conv3x3_same.defvjp(_conv3x3_same_fwd, _conv3x3_same_bwd)
+conv3x3_same.defvjp(_conv3x3_same_fwd, _conv3x3_same_bwd, symbolic_zeros=True)
