@@ -1,6 +1,7 @@
 """ports.layers' CPU fast paths: ConvTranspose2d (flax's ConvTranspose numbers, forward and
-gradients, through the phases and sub-pixel forms) and strided conv2d (nn.Conv's numbers, its
-input gradient through space-to-depth); the forms themselves."""
+gradients, through the phases and sub-pixel forms), strided conv2d (nn.Conv's numbers, its
+input gradient through space-to-depth), Winograd 3x3 convs, kernel gradients by taps, the
+closed-form norm gradients, max_pool_2x2 and Conv3x3Resampled; the forms themselves."""
 import jax
 import jax.numpy as jnp
 import numpy as np
