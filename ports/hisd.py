@@ -240,7 +240,8 @@ class DownBlock(nn.Module):
     """(B, H, W, in) -> (B, H/2, W/2, out). residual = pool(sc(x)); out = conv2(act(
     [in2](pool(conv1(act([in1](x))))))); keys conv1, conv2, sc (no bias) [, in1, in2: both `in`
     channels]. pool(sc(x)) runs as sc(pool(x)) and pool(conv1(.)) as one strided conv
-    (`Conv3x3Resampled`): the same maps, fewer multiply-adds. `normalize` selects DownBlockIN (the encoder) over DownBlock (the extractor)."""
+    (`Conv3x3Resampled`): the same maps, fewer multiply-adds. `normalize` selects DownBlockIN
+    (the encoder) over DownBlock (the extractor)."""
     out_dim: int
     normalize: bool = False
     dtype: Dtype = None

@@ -81,8 +81,8 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
     """`jax.lax.conv_general_dilated` (nn.Conv's `conv_general_dilated`) in the forms XLA:CPU
     runs fast, for a plain NHWC convolution:
 
-    - strided: the forward is XLA's own, the input gradient goes
-      through `conv_space_to_depth`. XLA:CPU runs the direct input gradient of a strided conv
+    - strided: the forward is XLA's own, the input gradient goes through
+      `conv_space_to_depth`. XLA:CPU runs the direct input gradient of a strided conv
       (an input-dilated convolution) on its generic path: k4 s2, 64 -> 128 channels at 256 px,
       batch 4: 215 ms against 81 ms (the StarGAN family's and RelGAN's downsampling).
     - 3x3, stride 1, zero padding 1, float32, >= WINOGRAD_MIN_PIXELS and

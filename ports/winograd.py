@@ -113,24 +113,18 @@ def _zero_pad1(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
-def _direct_same(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv3x3_same(x: jax.Array, kernel: jax.Array, tile: int = 2) -> jax.Array:
     """torch's Conv2d(k3, s1, zero padding 1, no bias) on x (B, H, W, C) float32, kernel HWIO,
     by Winograd with `tile`, differentiable: the input gradient is the same Winograd
     convolution of the output gradient with the flipped kernel (in and out channels swapped),
-    the kernel gradient `ports.layers.conv_by_taps`' (left out by XLA where unused, as for a
-    frozen network)."""
+    the kernel gradient `ports.layers.conv_by_taps`'. Only the gradients of perturbed inputs
+    are built (a frozen network's kernel gradient never enters the program)."""
     return conv3x3_winograd(_zero_pad1(x), winograd_kernel(kernel, tile))
 
 
 def _conv3x3_same_fwd(x, kernel, tile):
-    # which gradients to build, as the residuals' structure: () wanted, None not (a frozen
-    # network's kernel gradient never enters the program)
+    # which gradients to build, as the residuals' structure: () wanted, None not
     wanted = tuple(() if a.perturbed else None for a in (x, kernel))
     return conv3x3_same(x.value, kernel.value, tile), (x.value, kernel.value, wanted)
 
