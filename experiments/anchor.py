@@ -27,6 +27,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 
 from convert.convert import TARGETS as CONVERTERS
@@ -297,12 +298,17 @@ def compare_one_step(anchor: Anchor) -> dict[str, float]:
     """One step of each side from the same state (ours: the library's make_train_step): the
     largest relative error of every quantity, ours against torch's: losses and their terms,
     KPIs, task weights, the objective, the heatmap (our gradcam.heatmaps vs torch's), G's and
-    delta_p's gradients, the new BatchNorm statistics, Adam's second moments and the new
-    parameters. Advances the torch side one step.
+    delta_p's gradients, the new BatchNorm statistics, Adam's second moments (their square
+    roots) and the new parameters. Advances the torch side one step.
 
     The gradients are read from Adam's first moment, mu = (1 - b1) g after one step (one
-    compilation instead of two); the first update itself is +-lr per element whatever g, so it
-    cannot tell two gradients apart, the moments can."""
+    compilation instead of two). The first update is lr g / (|g| + eps_adam): +-lr wherever
+    |g| >> eps_adam, so it cannot tell two gradients apart, and of slope lr / eps_adam at g ~ 0,
+    so there the two sides' float32 rounding of a vanishing gradient (a few 1e-9) moves a
+    parameter by up to ~lr. Hence two checks: "Adam rule", our optimiser applied to torch's
+    gradients from the same state, every element against torch's new parameters; and
+    "params after Adam", our step's own new parameters where the update is well conditioned
+    (|g| >= 100 eps_adam)."""
     setup, cfg = anchor.setup, anchor.cfg
     x, mask, labels = anchor.torch_inputs
     new_state, m = train.make_train_step(setup, donate=False)(anchor.state, anchor.batch,
@@ -334,19 +340,38 @@ def compare_one_step(anchor: Anchor) -> dict[str, float]:
     adam = new_state.opt_state[0]
     # both descend on G_loss = -objective: mu / (1 - b1) is torch's .grad
     grad = jax.tree.map(lambda v: v / (1.0 - cfg.b1), adam.mu)
-    diffs["grad G"] = _worst_leaf(grad["params"],
-                                  _torch_tree(gen, params_only, lambda p: p.grad)["params"])
-    diffs["grad delta_p"] = _rel(grad["delta_p"], nhwc(prior.grad))
+    torch_grad = {"params": _torch_tree(gen, params_only, lambda p: p.grad)["params"],
+                  "delta_p": nhwc(prior.grad)}
+    diffs["grad G"] = _worst_leaf(grad["params"], torch_grad["params"])
+    diffs["grad delta_p"] = _rel(grad["delta_p"], torch_grad["delta_p"])
     stats = _torch_tree(gen, abstract, lambda p: p, with_buffers=True)["batch_stats"]
     diffs["batch stats"] = _worst_leaf(new_state.batch_stats, stats)
     torch_adam = anchor.torch_step.optimizer.state
-    diffs["adam nu G"] = _worst_leaf(adam.nu["params"], _torch_tree(
-        gen, params_only, lambda p: torch_adam[p]["exp_avg_sq"])["params"])
-    diffs["adam nu delta_p"] = _rel(adam.nu["delta_p"], nhwc(torch_adam[prior]["exp_avg_sq"]))
-    diffs["params after Adam"] = _worst_leaf(
-        new_state.params, _torch_tree(gen, params_only, lambda p: p)["params"])
-    diffs["delta_p after Adam"] = _rel(new_state.delta_p, nhwc(prior))
+    # sqrt(nu) = sqrt(1 - b2) |g|: on the gradient's scale (nu itself doubles g's relative error)
+    diffs["adam nu G"] = _worst_leaf(jax.tree.map(jnp.sqrt, adam.nu["params"]), _torch_tree(
+        gen, params_only, lambda p: torch_adam[p]["exp_avg_sq"].sqrt())["params"])
+    diffs["adam nu delta_p"] = _rel(jnp.sqrt(adam.nu["delta_p"]),
+                                    nhwc(torch_adam[prior]["exp_avg_sq"].sqrt()))
+    torch_new = {"params": _torch_tree(gen, params_only, lambda p: p)["params"],
+                 "delta_p": nhwc(prior)}
+    diffs["Adam rule"] = _worst_leaf(_adam_step(setup, anchor.state, torch_grad), torch_new)
+    conditioned = jax.tree.map(lambda g: np.abs(g) >= 100 * ADAM_EPS, torch_grad)
+    ours_new = {"params": new_state.params, "delta_p": new_state.delta_p}
+    diffs["params after Adam"] = max(
+        _rel(np.asarray(a)[c], np.asarray(b)[c]) for a, b, c in zip(
+            jax.tree.leaves(ours_new), jax.tree.leaves(torch_new), jax.tree.leaves(conditioned),
+            strict=True) if c.any())
     return diffs
+
+
+ADAM_EPS = 1e-8   # optax.adam's and torch.optim.Adam's default
+
+
+def _adam_step(setup: train.Setup, state: train.TrainState, descent) -> dict:
+    """Our optimiser's first update from `state` along `descent` (torch's .grad, of -objective)."""
+    trainable = {"params": state.params, "delta_p": state.delta_p}
+    updates, _ = setup.optimizer.update(descent, state.opt_state, trainable)
+    return optax.apply_updates(trainable, updates)
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def test_one_step_matches_the_reference(strategy, targets, fast_compile):
     diffs = anchor.compare_one_step(pair)
     print({k: f"{v:.2g}" for k, v in diffs.items()})
     assert set(diffs) >= {"loss", "loss terms", "kpi", "weights", "objective", "heatmap",
-                          "grad G", "grad delta_p", "batch stats", "adam nu G"}
+                          "grad G", "grad delta_p", "batch stats", "adam nu G",
+                          "Adam rule", "params after Adam"}
     bad = {k: v for k, v in diffs.items() if not v < TOLERANCE}
     assert not bad, bad
     alpha = pair.torch_step.prior_weights
