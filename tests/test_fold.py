@@ -56,12 +56,13 @@ def test_each_conv_as_a_matrix_product_equals_the_conv(gen, monkeypatch):
     float32 where they must agree to rounding."""
     monkeypatch.setattr(fast, "MIN_DOWN_CHANNELS", 1)      # the stride-2 convs as products too
     folded = fast.fold_batchnorm(gen.variables, CFG)
-    g_in = jnp.concatenate([_x(), _x(seed=1)], -1)
-    convs = fast._forward(folded, g_in)
+    x, p = _x(), _x(n=1, seed=1)[0]
+    convs = fast._forward(folded, x, p)
     layers = fast.matrix_layers(folded, "float32")
     assert "matrix" in layers["down1"] and "matrix" in layers["up2"]
-    assert "matrix" in layers["in"] and "taps" in layers["out"]      # the 7x7 convs too
-    matrices = fast._forward(layers, g_in)
+    assert "taps" in layers["out"]                                    # the 7x7 output conv too
+    assert "kernel" in layers["in"]       # the input conv stays float32, its prior half once
+    matrices = fast._forward(layers, x, p)
     np.testing.assert_allclose(matrices, convs, atol=2e-6, rtol=1e-5)
 
 
@@ -69,7 +70,7 @@ def test_bfloat16_within_one_grey_level_and_really_bfloat16(gen):
     faces = np.random.default_rng(2).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     gen = precision.with_output_scale(gen, 0.3)     # values inside +-eps, ~4 grey levels
     bf16 = fast.prepare(gen, "bfloat16")
-    assert bf16.layers["blocks"][0]["conv1"]["winograd"].dtype == jnp.bfloat16   # F(2x2, 3x3)
+    assert bf16.layers["blocks"][0]["conv1"]["winograd"][0].dtype == jnp.bfloat16   # F(2x2, 3x3)
     assert bf16.layers["up1"]["matrix"]["oo"].dtype == jnp.bfloat16
     ref, test = protect.protect(gen, faces), protect.protect(bf16, faces)
     assert test.dtype == np.uint8 and np.abs(test.astype(int) - faces).max() <= 6

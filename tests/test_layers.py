@@ -10,7 +10,8 @@ from flax import linen as nn
 
 from ports.layers import (Conv3x3Resampled, conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
                           conv_transpose_phases, conv_transpose_subpixel, max_pool_2x2,
-                          normalize)
+                          normalize, reflect_conv, reflect_conv_pairs)
+from ports import winograd
 from ports.winograd import conv3x3_winograd, winograd_kernel
 
 # (kernel, padding, output_padding): the generator's, StarGAN/RelGAN's, and two odd ones.
@@ -116,6 +117,18 @@ def test_space_to_depth_form_equals_the_direct_conv(k, s, p, n):
     np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.parametrize("k,c", [(7, 3), (3, 5), (1, 2)])
+def test_reflect_conv_on_pixel_pairs_equals_reflect_conv(k, c):
+    rng = np.random.default_rng(k * 7 + c)
+    x = jnp.asarray(rng.standard_normal((2, 9, 12, c)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c, 4)), jnp.float32)
+    want = reflect_conv(x, kernel)
+    np.testing.assert_allclose(reflect_conv_pairs(x, kernel), want,
+                               atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    with pytest.raises(ValueError, match="even width"):
+        reflect_conv_pairs(x[:, :, :11], kernel)
+
+
 @pytest.mark.parametrize("k,s,p,n", STRIDED)
 def test_strided_conv2d_matches_flax_conv_forward_and_gradients(k, s, p, n):
     rng = np.random.default_rng(k * 11 + n)
@@ -181,10 +194,26 @@ def test_winograd_conv_equals_the_direct_conv(shape, tile, tol):
         bf16 = conv3x3_winograd(xp, u.astype(jnp.bfloat16))
         err = float(jnp.abs(bf16 - direct).max()) / scale
         assert bf16.dtype == jnp.float32 and 1e-5 < err < 2e-2     # rounded, not wrong
+        # a prepared kernel, one matrix per tile position: the same numbers
+        positions = tuple(u.astype(jnp.bfloat16)[i] for i in range(u.shape[0]))
+        np.testing.assert_array_equal(conv3x3_winograd(xp, positions), bf16)
+    np.testing.assert_array_equal(conv3x3_winograd(xp, tuple(u[i] for i in range(len(u)))),
+                                  fast)
     with pytest.raises(ValueError, match="multiples of the tile"):
         conv3x3_winograd(xp[:, 1:], u)
     with pytest.raises(ValueError, match="tile must be one of"):
         winograd_kernel(kernel, 3)
+
+
+def test_winograd_bfloat16_operands_are_rounded_to_nearest_even():
+    """The integer rounding of the Winograd tiles = XLA's float32 -> bfloat16 convert, ties
+    (to even), carries into the exponent and signs included."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(4096).astype(np.float32) * 10.0 ** rng.integers(
+        -30, 30, 4096), np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 - 2 ** -25,
+                                   3.3895e38, 0.0, -0.0, 1e-40], np.float32)])
+    want = jax.lax.bitcast_convert_type(jnp.asarray(x).astype(jnp.bfloat16), jnp.uint16)
+    np.testing.assert_array_equal(winograd._rounded_bits(jnp.asarray(x)), want)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU fast paths")
