@@ -14,20 +14,21 @@ blocks use F(2x2, 3x3) with bfloat16 products.
 a bias: kernel * s and bias - mean * s, s = scale / sqrt(var + 1e-5) per output channel. The
 float32 forward then runs the module's convolutions (same padding, same CPU layout trick as
 `ports.layers.reflect_conv2d`) outside the blocks, so it agrees with `generator.protect_eval`
-to float32 rounding there and to Winograd's ~1e-5 in the blocks.
+to float32 rounding there and to Winograd's ~1e-5 in the blocks. In both paths the input 7x7
+conv of cat(x, prior) is float32, split in two: the prior's half is the same for every image
+and computed once (`_input_conv`).
 
 The bfloat16 forward exists because XLA:CPU computes a bfloat16 convolution in float32 (it
 converts both operands and calls its float32 convolution), while a plain 2-D dot of bfloat16
 operands with float32 accumulation runs in bfloat16 (YNNPACK; AVX512-BF16 or AMX). So each
-convolution becomes patches (slices and concatenation, moved as uint16 bit patterns: XLA:CPU
-widens every bfloat16 copy to float32 and back) and a 2-D product: the input 7x7 conv (6
-channels) its horizontal taps as patches and its vertical ones as outputs, the output 7x7 conv
+other convolution becomes patches (slices and concatenation, moved as uint16 bit patterns:
+XLA:CPU widens every bfloat16 copy to float32 and back) and a 2-D product: the output 7x7 conv
 (3 channels) every tap as an output summed after, the stride-2 convs their nine strided taps;
 a transposed k3 s2 conv becomes its four output phases, each a product over the 1, 2 or 4
 input pixels it depends on, interleaved after; the residual blocks are bfloat16 Winograd.
 Activations are rounded to bfloat16 only where they enter a product; bias, activations, the
-residual sum and the output stay float32. A stride-2 conv on few channels
-(MIN_DOWN_CHANNELS) stays a float32 convolution: its strided patches gain nothing.
+residual sum and the output stay float32. A stride-2 conv on fewer than MIN_DOWN_CHANNELS
+input channels stays a float32 convolution.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers"
 
 DTYPES = ("float32", "bfloat16")
 # A stride-2 conv with fewer input channels stays a float32 conv on the matrix path: its strided
-# patches cost as much as the product saves (64 -> 128 at 256 px: no faster on a 2-core EPYC).
-MIN_DOWN_CHANNELS = 128
+# patches cost as much as the product saves. 64 -> 128 at 256 px, batch 4: no faster on a 2-core
+# EPYC; on the 2-core Xeon (AMX) the whole bfloat16 forward 0.133 -> 0.123 s per image.
+MIN_DOWN_CHANNELS = 64
 BN_EPSILON = 1e-5     # ports.layers.BatchNorm's (torch's) epsilon
 _DN = ("NHWC", "HWIO", "NHWC")
 
