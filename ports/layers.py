@@ -30,7 +30,8 @@ __all__ = [
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
     "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "conv_by_taps",
     "dense",
-    "reflect_pad", "reflect_conv_pairs", "Conv3x3Resampled", "upsample2_conv3x3", "conv3x3_avg_pool2",
+    "reflect_pad", "reflect_conv_pairs", "Conv3x3Resampled", "upsample2_conv3x3",
+    "conv3x3_avg_pool2",
     "InstanceNorm", "BatchNorm", "normalize", "clamp", "PReLU", "flatten_nchw", "max_pool_2x2",
 ]
 

@@ -266,13 +266,14 @@ def winograd_layers(folded: dict, cfg: GeneratorConfig) -> dict:
 def _input_conv(layer: dict, x, p):
     """The input 7x7 conv (float32) of G's input cat(x, p), x (B, H, W, 3), p (H, W, 3) the
     clamped prior, the same for every image: conv(x, kernel[:, :, :3]) + conv(p, kernel[:, :,
-    3:]), the prior's half computed once, each on pixel pairs where the width is even
-    (`ports.layers.reflect_conv_pairs`). 2-core Xeon, batch 4 at 256 px: the 6-channel conv
+    3:]), the prior's half computed once, each on pixel pairs on a CPU where the width is
+    even (`ports.layers.reflect_conv_pairs`). 2-core Xeon, batch 4 at 256 px: the 6-channel conv
     118 ms, split 82 + 10 ms, on pairs 56 + 8 ms; its bfloat16 form as a product was 219 ms
     (6 or 3 input channels give the product too short a contraction)."""
     kernel = layer["kernel"]
     c = x.shape[-1]
-    conv = reflect_conv_pairs if x.shape[2] % 2 == 0 else reflect_conv
+    pairs = jax.default_backend() == "cpu" and x.shape[2] % 2 == 0
+    conv = reflect_conv_pairs if pairs else reflect_conv
     return conv(x, kernel[:, :, :c]) + conv(p[None], kernel[:, :, c:]) + layer["bias"]
 
 
