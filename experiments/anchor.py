@@ -27,7 +27,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 
 from convert.convert import TARGETS as CONVERTERS
@@ -294,6 +293,9 @@ def _torch_tree(module: torch.nn.Module, abstract, values: Callable[[torch.nn.Pa
     return to_flax({n: v.detach().cpu().float().numpy() for n, v in named.items()}, abstract)
 
 
+ADAM_EPS = 1e-8   # optax.adam's and torch.optim.Adam's default
+
+
 def compare_one_step(anchor: Anchor) -> dict[str, float]:
     """One step of each side from the same state (ours: the library's make_train_step): the
     largest relative error of every quantity, ours against torch's: losses and their terms,
@@ -364,14 +366,14 @@ def compare_one_step(anchor: Anchor) -> dict[str, float]:
     return diffs
 
 
-ADAM_EPS = 1e-8   # optax.adam's and torch.optim.Adam's default
-
-
 def _adam_step(setup: train.Setup, state: train.TrainState, descent) -> dict:
-    """Our optimiser's first update from `state` along `descent` (torch's .grad, of -objective)."""
-    trainable = {"params": state.params, "delta_p": state.delta_p}
-    updates, _ = setup.optimizer.update(descent, state.opt_state, trainable)
-    return optax.apply_updates(trainable, updates)
+    """The library's update (train.apply_gradients) from `state` along `descent` (torch's
+    .grad, of -objective): the new {'params', 'delta_p'}."""
+    ascent = jax.tree.map(np.negative, descent)
+    new = train.apply_gradients(setup, state, train.Gradients(
+        grads=ascent, batch_stats=state.batch_stats, strategy_state=state.strategy_state,
+        weights=None, metrics={}))
+    return {"params": new.params, "delta_p": new.delta_p}
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from flax import linen as nn
 from jax.custom_derivatives import SymbolicZero
 
-from ports.winograd import conv3x3_same, winograd_fits
+from ports.winograd import conv3x3_winograd, winograd_fits, winograd_kernel
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -87,7 +87,7 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
       (an input-dilated convolution) on its generic path: k4 s2, 64 -> 128 channels at 256 px,
       batch 4: 215 ms against 81 ms (the StarGAN family's and RelGAN's downsampling).
     - 3x3, stride 1, zero padding 1, float32, >= WINOGRAD_MIN_PIXELS and
-      WINOGRAD_MIN_CHANNELS: `ports.winograd.conv3x3_same`, forward and input gradient, with
+      WINOGRAD_MIN_CHANNELS: `conv3x3_same`, forward and input gradient, with
       F(4x4, 3x3) from WINOGRAD_LARGE_PIXELS (the targets' residual blocks; error ~1e-5 of
       the output's scale), else F(2x2, 3x3) (ArcFace's stages at 28 and 14 px; ~1e-6).
     - any other plain one: XLA's forward and input gradient.
@@ -176,34 +176,42 @@ def conv_space_to_depth(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax
                                         dimension_numbers=_NHWC)
 
 
-def _with_gradients_of(forward: Callable, dx_form: Callable, dk_form: Callable) -> Callable:
-    """forward(x, kernel, geometry), a convolution (linear in x and in kernel), whose gradient
-    w.r.t. x is dx_form's and w.r.t. kernel is dk_form's (the same function computed another
-    way: the one XLA:CPU runs fast). The gradients are linear transposes: no forward reruns.
-    Only the gradients of perturbed inputs are built: a frozen network's kernel gradients
-    never enter the program (XLA would drop them, but only after compiling them)."""
+def _with_gradients(forward: Callable, dx_fn: Callable, dk_fn: Callable) -> Callable:
+    """forward(x, kernel, static), a convolution, differentiable with the gradients
+    dx_fn(x, kernel, static, g) and dk_fn(x, kernel, static, g) (static: hashable, no
+    gradient). Only the gradients of perturbed inputs are built: a frozen network's kernel
+    gradients never enter the program (XLA would drop them, but only after compiling them)."""
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-    def fn(x, kernel, geometry):
-        return forward(x, kernel, geometry)
+    def fn(x, kernel, static):
+        return forward(x, kernel, static)
 
-    def fn_fwd(x, kernel, geometry):
+    def fn_fwd(x, kernel, static):
         # which gradients to build, as the residuals' structure: () wanted, None not
         wanted = tuple(() if a.perturbed else None for a in (x, kernel))
-        return forward(x.value, kernel.value, geometry), (x.value, kernel.value, wanted)
+        return forward(x.value, kernel.value, static), (x.value, kernel.value, wanted)
 
-    def fn_bwd(geometry, residuals, g):
+    def fn_bwd(static, residuals, g):
         x, kernel, (want_dx, want_dk) = residuals
         if isinstance(g, SymbolicZero):
             return None, None
-        dx = dk = None
-        if want_dx is not None:
-            dx = jax.linear_transpose(lambda x_: dx_form(x_, kernel, geometry), x)(g)[0]
-        if want_dk is not None:
-            dk = jax.linear_transpose(lambda k_: dk_form(x, k_, geometry), kernel)(g)[0]
+        dx = None if want_dx is None else dx_fn(x, kernel, static, g)
+        dk = None if want_dk is None else dk_fn(x, kernel, static, g)
         return dx, dk
 
     fn.defvjp(fn_fwd, fn_bwd, symbolic_zeros=True)
     return fn
+
+
+def _with_gradients_of(forward: Callable, dx_form: Callable, dk_form: Callable) -> Callable:
+    """forward(x, kernel, geometry), a convolution (linear in x and in kernel), whose gradient
+    w.r.t. x is dx_form's and w.r.t. kernel is dk_form's (the same function computed another
+    way: the one XLA:CPU runs fast). The gradients are linear transposes: no forward reruns."""
+    def dx_fn(x, kernel, geometry, g):
+        return jax.linear_transpose(lambda x_: dx_form(x_, kernel, geometry), x)(g)[0]
+
+    def dk_fn(x, kernel, geometry, g):
+        return jax.linear_transpose(lambda k_: dk_form(x, k_, geometry), kernel)(g)[0]
+    return _with_gradients(forward, dx_fn, dk_fn)
 
 
 # A kernel gradient goes by taps where both channel counts reach this (a 7x7 conv 64 -> 3 at
@@ -218,6 +226,35 @@ def _taps_worth(kernel_shape: tuple) -> bool:
 _strided_conv_fast_dx = _with_gradients_of(_direct_conv, conv_space_to_depth, _direct_conv)
 _strided_conv_fast_dx_dk = _with_gradients_of(_direct_conv, conv_space_to_depth, conv_by_taps)
 _conv_fast_dk = _with_gradients_of(_direct_conv, _direct_conv, conv_by_taps)
+
+_SAME_3X3 = ((1, 1), ((1, 1), (1, 1)))
+
+
+def _zero_pad1(x: jax.Array) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _winograd_same(x, kernel, tile):
+    return conv3x3_winograd(_zero_pad1(x), winograd_kernel(kernel, tile))
+
+
+def _winograd_same_dx(x, kernel, tile, g):
+    # the flipped kernel's transform with in and out channels left in place: a transposed copy
+    # fused into the transform's sums read the kernel column-wise (XLA:CPU: ~60 ms per
+    # 256-channel conv, 0.7 of StarGAN's 1.85 s forward + input gradient at 256 px, batch 2)
+    u = winograd_kernel(kernel[::-1, ::-1], tile)
+    return conv3x3_winograd(_zero_pad1(g), u, transposed=True).astype(x.dtype)
+
+
+def _taps_same_dk(x, kernel, tile, g):
+    return jax.linear_transpose(lambda k: conv_by_taps(x, k, _SAME_3X3), kernel)(g)[0]
+
+
+# torch's Conv2d(k3, s1, zero padding 1, no bias) on x (B, H, W, C) float32, kernel HWIO, by
+# Winograd with tile (conv3x3_same(x, kernel, tile)): the input gradient is the same Winograd
+# convolution of the output gradient with the flipped kernel (in and out channels swapped), the
+# kernel gradient conv_by_taps'.
+conv3x3_same = _with_gradients(_winograd_same, _winograd_same_dx, _taps_same_dk)
 
 
 def reflect_conv2d(x: jax.Array, features: int, kernel: int, *, bias: bool, name: str,

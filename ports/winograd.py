@@ -14,8 +14,6 @@ a transformed kernel: tile 4 40 ms (with its n*n products batched into one dot: 
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,45 +127,3 @@ def conv3x3_winograd(xp: jax.Array, u: jax.Array, *, transposed: bool = False) -
     y = [_combine([half[q][p] for q in range(n)], at) for p in range(m)]
     y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)       # (B, H/m, m, W/m, m, O)
     return y.reshape(b, h, w, -1)
-
-
-def _zero_pad1(x: jax.Array) -> jax.Array:
-    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_same(x: jax.Array, kernel: jax.Array, tile: int = 2) -> jax.Array:
-    """torch's Conv2d(k3, s1, zero padding 1, no bias) on x (B, H, W, C) float32, kernel HWIO,
-    by Winograd with `tile`, differentiable: the input gradient is the same Winograd
-    convolution of the output gradient with the flipped kernel (in and out channels swapped),
-    the kernel gradient `ports.layers.conv_by_taps`'. Only the gradients of perturbed inputs
-    are built (a frozen network's kernel gradient never enters the program)."""
-    return conv3x3_winograd(_zero_pad1(x), winograd_kernel(kernel, tile))
-
-
-def _conv3x3_same_fwd(x, kernel, tile):
-    # which gradients to build, as the residuals' structure: () wanted, None not
-    wanted = tuple(() if a.perturbed else None for a in (x, kernel))
-    return conv3x3_same(x.value, kernel.value, tile), (x.value, kernel.value, wanted)
-
-
-def _conv3x3_same_bwd(tile, residuals, g):
-    x, kernel, (want_dx, want_dk) = residuals
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        return None, None
-    dx = dk = None
-    if want_dx is not None:
-        # the flipped kernel's transform with in and out channels left in place: a transposed
-        # copy fused into the transform's sums read the kernel column-wise (XLA:CPU: ~60 ms
-        # per 256-channel conv, 0.7 of StarGAN's 1.85 s forward + input gradient at 256 px,
-        # batch 2)
-        u = winograd_kernel(kernel[::-1, ::-1], tile)
-        dx = conv3x3_winograd(_zero_pad1(g), u, transposed=True).astype(x.dtype)
-    if want_dk is not None:
-        from ports.layers import conv_by_taps      # ports.layers imports this module
-        dk = jax.linear_transpose(lambda k: conv_by_taps(x, k, ((1, 1), ((1, 1), (1, 1)))),
-                                  kernel)(g)[0]
-    return dx, dk
-
-
-conv3x3_same.defvjp(_conv3x3_same_fwd, _conv3x3_same_bwd, symbolic_zeros=True)
