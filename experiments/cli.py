@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from idguard_jax import host_memory
+from idguard_jax import compile_cache, host_memory
 
 # command -> (module with main(argv), one line of help)
 COMMANDS = {
@@ -29,7 +29,8 @@ COMMANDS = {
 
 @host_memory.command
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    as_command = argv is None
+    argv = sys.argv[1:] if as_command else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
             return 2
         return 0 if argv else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    if as_command and getattr(module.main, "compile_cached", False):   # as when run alone
+        compile_cache.enable()
     return int(module.main(argv[1:]) or 0)
 
 

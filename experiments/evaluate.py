@@ -32,7 +32,7 @@ import os
 import sys
 import time
 
-from idguard_jax import host_memory
+from idguard_jax import compile_cache, host_memory
 from idguard_jax.networks.targets import PAPER_TARGETS, TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
@@ -206,6 +206,7 @@ def _config(args, methods, target_names, generators):
 
 
 @host_memory.command
+@compile_cache.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     methods = list(dict.fromkeys(args.method or ["idguard"]))

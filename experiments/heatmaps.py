@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from idguard_jax import host_memory
+from idguard_jax import compile_cache, host_memory
 
 __all__ = ["main", "build_parser"]
 
@@ -90,6 +90,7 @@ def _run(args: argparse.Namespace) -> str:
 
 
 @host_memory.command
+@compile_cache.command
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)

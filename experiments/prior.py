@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from idguard_jax import host_memory
+from idguard_jax import compile_cache, host_memory
 
 
 __all__ = ["main", "build_parser"]
@@ -235,6 +235,7 @@ def _compute(args) -> int:
 
 
 @host_memory.command
+@compile_cache.command
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 user error)."""
     parser = build_parser()

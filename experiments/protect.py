@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from idguard_jax import host_memory
+from idguard_jax import compile_cache, host_memory
 
 
 # --format choices -> PIL format names (None: each photo's own)
@@ -258,6 +258,7 @@ def _protect(args, gen, todo, timer=None) -> tuple[list, float, int]:
 
 
 @host_memory.command
+@compile_cache.command
 def main(argv=None) -> int:
     args = parser().parse_intermixed_args(argv)
     try:

@@ -26,7 +26,7 @@ import dataclasses
 import os
 import sys
 
-from idguard_jax import host_memory
+from idguard_jax import compile_cache, host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
@@ -195,6 +195,7 @@ def _delta_p(cfg, prior: str | None):
 
 
 @host_memory.command
+@compile_cache.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.distributed:   # before any other JAX work
