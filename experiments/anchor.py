@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import resource
 import statistics
 import sys
 import time
@@ -404,10 +405,48 @@ def _first_step_check(ours_metrics: dict, theirs: solver.StepOutput, names) -> d
                             [theirs.weights[n] for n in names])}
 
 
+# Warm-up rounds of the step anchor, at least: both sides share one process and (host malloc
+# retained) one heap, which reaches its steady size only once each side has run after the
+# other. On the Xeon at 256 px, batch 2, our call of the second round still faulted in
+# ~970k fresh pages (15 s of system time: 29.8 s against 22.2 s in later rounds).
+MIN_WARMUP_ROUNDS = 2
+
+
+class _CallTimes:
+    """Wall seconds, system seconds and minor page faults of each timed call."""
+
+    def __init__(self):
+        self.wall, self.sys, self.faults = [], [], []
+
+    def time(self, fn, *args):
+        r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        fn(*args)
+        wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+        self.wall.append(wall)
+        self.sys.append(r1.ru_stime - r0.ru_stime)
+        self.faults.append(r1.ru_minflt - r0.ru_minflt)
+
+    def record(self, side: str) -> dict:
+        return {f"{side}_step_s": round(statistics.median(self.wall), 6),
+                f"{side}_step_s_min": round(min(self.wall), 6),
+                f"{side}_sys_s": round(statistics.median(self.sys), 3),
+                f"{side}_page_faults": int(statistics.median(self.faults))}
+
+
+def _warn_faults(record: dict) -> None:
+    for side in ("ours", "torch"):
+        if record[f"{side}_page_faults"] > 10_000:
+            print(f"warning: {side} timed calls faulted in {record[f'{side}_page_faults']} "
+                  f"fresh pages per call ({record[f'{side}_sys_s']} s of system time): the "
+                  "heap had not reached its steady size; raise --warmup", file=sys.stderr)
+
+
 def bench_step(anchor: Anchor, repeats: int, warmup: int) -> tuple[dict, list[dict]]:
     """Our jitted step (the library's make_train_step) and the reference step, each call timed
     alone, round-robin (one of each per round) so that a shared machine's load falls on both
-    alike. Returns (the record, the torch sections' seconds per timed call)."""
+    alike, after max(warmup, MIN_WARMUP_ROUNDS) rounds. Returns (the record: medians and
+    minima, and each side's median system time and page faults per timed call; the torch
+    sections' seconds per timed call)."""
     from experiments import bench
 
     cfg = anchor.cfg
@@ -421,35 +460,31 @@ def bench_step(anchor: Anchor, repeats: int, warmup: int) -> tuple[dict, list[di
     def torch_call(timer=solver._untimed):
         return anchor.torch_step.train_batch(x, mask, labels, timer)
 
+    rounds = max(warmup, MIN_WARMUP_ROUNDS)
     first = (ours_call()[1], torch_call())
-    for _ in range(max(warmup - 1, 0)):
+    for _ in range(rounds - 1):
         ours_call()
         torch_call()
-    ours_times, torch_times, sections = [], [], []
+    ours_times, torch_times, sections = _CallTimes(), _CallTimes(), []
     for _ in range(max(repeats, 1)):
-        t = time.perf_counter()
-        ours_call()
-        ours_times.append(time.perf_counter() - t)
+        ours_times.time(ours_call)
         timer = solver.SectionTimer(anchor.device)
-        t = time.perf_counter()
-        torch_call(timer)
-        torch_times.append(time.perf_counter() - t)
+        torch_times.time(torch_call, timer)
         sections.append(dict(timer.seconds))
-    ours_s, torch_s = statistics.median(ours_times), statistics.median(torch_times)
+    times = {**ours_times.record("ours"), **torch_times.record("torch")}
+    _warn_faults(times)
     out = {"bench": "anchor_step", "strategy": cfg.strategy, "dtype": cfg.dtype,
            "image_size": cfg.image_size, "batch_size": cfg.batch_size,
            "targets": list(cfg.targets), "identity": cfg.identity,
-           "lower_s": record["lower_s"], "compile_s": record["compile_s"],
-           "ours_step_s": round(ours_s, 6), "ours_step_s_min": round(min(ours_times), 6),
-           "torch_step_s": round(torch_s, 6), "torch_step_s_min": round(min(torch_times), 6),
-           "speedup": round(torch_s / ours_s, 3),
-           "speedup_min": round(min(torch_times) / min(ours_times), 3),
+           "lower_s": record["lower_s"], "compile_s": record["compile_s"], **times,
+           "speedup": round(times["torch_step_s"] / times["ours_step_s"], 3),
+           "speedup_min": round(times["torch_step_s_min"] / times["ours_step_s_min"], 3),
            "first_step_rel_err": _first_step_check(jax.device_get(first[0]), first[1],
                                                    cfg.targets),
            "load_average": _load_average(),
            "torch": torch.__version__, "torch_device": str(anchor.device),
            "torch_threads": torch.get_num_threads(), "repeats": max(repeats, 1),
-           "warmup": warmup}
+           "warmup": rounds}
     return out, sections
 
 

@@ -46,8 +46,11 @@ calls, each call synchronised with jax.block_until_ready. Per measurement (JSON 
               solver.py: each target run twice per branch, the identity network on the clean
               output per branch, Grad-CAM++ every step, MGDA by one autograd.grad per target;
               float32 on the CPU, fp16 autocast on CUDA) on the same weights and batch, one call
-              of each per round: ours_step_s, torch_step_s, speedup = torch / ours (median; and
-              of the minima), first_step_rel_err (both sides' first losses and weights)
+              of each per round after >= 2 warm-up rounds: ours_step_s, torch_step_s,
+              speedup = torch / ours (median; and of the minima), each side's median system
+              seconds and fresh page faults per call (ours_sys_s, ours_page_faults, ...;
+              warned about when the shared heap was still growing), first_step_rel_err (both
+              sides' first losses and weights)
   anchor_protect  with --against torch, per --protect-batches: ours per --dtypes
               (anchor.OUR_PROTECTION) and the torch generator's eval forward (float32 and, with
               bfloat16, its autocast and cast variants), s_per_image, torch_float32_over_this,
