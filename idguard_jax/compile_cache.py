@@ -10,7 +10,8 @@ the jax/XLA versions and flags, so a second run with the same shapes loads them 
   2. $IDGUARD_COMPILE_CACHE (`off` turns the cache off);
   3. $JAX_COMPILATION_CACHE_DIR, JAX's own setting, left as it is;
   4. $XDG_CACHE_HOME/idguard-jax/xla (default ~/.cache/idguard-jax/xla).
-Only programs that took at least `min_compile_secs` to compile are written (JAX's default, 1 s).
+Only programs that took at least `min_compile_secs` to compile are written (default: JAX's
+setting, 1 s unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise).
 The command lines call it through `command`; `bench.py` never does (it measures compile time).
 
     @compile_cache.command        # on a command line's main(argv=None)
@@ -33,7 +34,7 @@ def default_directory() -> str:
     return os.path.join(base, "idguard-jax", "xla")
 
 
-def enable(directory: str | None = None, min_compile_secs: float = 1.0) -> str | None:
+def enable(directory: str | None = None, min_compile_secs: float | None = None) -> str | None:
     """Turn JAX's persistent compilation cache on (see the module docstring) before the first
     compilation of this process. Returns its folder, or None where $IDGUARD_COMPILE_CACHE=off."""
     import jax
@@ -43,7 +44,8 @@ def enable(directory: str | None = None, min_compile_secs: float = 1.0) -> str |
         return None
     chosen = os.path.abspath(os.path.expanduser(chosen or default_directory()))
     jax.config.update("jax_compilation_cache_dir", chosen)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    if min_compile_secs is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     return chosen
 
 
