@@ -39,9 +39,10 @@ def enable(directory: str | None = None, min_compile_secs: float | None = None) 
     compilation of this process. Returns its folder, or None where $IDGUARD_COMPILE_CACHE=off."""
     import jax
 
-    chosen = directory or os.environ.get(ENV) or os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if chosen is not None and chosen.lower() == _OFF and directory is None:
+    setting = os.environ.get(ENV)
+    if directory is None and setting is not None and setting.lower() == _OFF:
         return None
+    chosen = directory or setting or os.environ.get("JAX_COMPILATION_CACHE_DIR")
     chosen = os.path.abspath(os.path.expanduser(chosen or default_directory()))
     jax.config.update("jax_compilation_cache_dir", chosen)
     if min_compile_secs is not None:

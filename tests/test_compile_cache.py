@@ -11,7 +11,6 @@ from idguard_jax import compile_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = """
-import sys
 import jax, jax.numpy as jnp
 from idguard_jax import compile_cache
 print(compile_cache.enable(min_compile_secs=0))
@@ -57,11 +56,16 @@ def test_default_folder_and_off(tmp_path):
 
 @pytest.mark.parametrize("command, cached", [("train", True), ("protect", True),
                                              ("evaluate", True), ("bench", False)])
-def test_which_commands_cache(command, cached):
-    """The dispatcher enables it for a command with the mark; the bench (it times compiles)
-    has none."""
-    import importlib
-
+def test_the_dispatcher_enables_it_for_marked_commands(command, cached, monkeypatch):
+    """`idguard COMMAND` (argv from sys.argv) enables the cache before a marked command runs;
+    the bench (it times compiles) carries no mark."""
     from experiments import cli
-    main = importlib.import_module(cli.COMMANDS[command][0]).main
-    assert getattr(main, "compile_cached", False) is cached
+    from idguard_jax import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: True)
+    monkeypatch.setattr(compile_cache, "enable", lambda *a, **k: calls.append(command))
+    monkeypatch.setattr(sys, "argv", ["idguard", command, "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == ([command] if cached else [])
