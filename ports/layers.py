@@ -30,7 +30,8 @@ __all__ = [
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
     "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "conv_by_taps",
     "dense",
-    "reflect_pad", "reflect_conv_pairs", "Conv3x3Resampled", "upsample2_conv3x3",
+    "reflect_pad", "reflect_conv_pairs", "space_to_depth", "depth_to_space", "Conv3x3Resampled",
+    "upsample2_conv3x3",
     "conv3x3_avg_pool2",
     "InstanceNorm", "BatchNorm", "normalize", "clamp", "PReLU", "flatten_nchw", "max_pool_2x2",
 ]
@@ -154,26 +155,41 @@ def conv_space_to_depth(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax
     gradient of it is an ordinary convolution. geometry: (strides (sh, sw), padding
     ((lo, hi), (lo, hi)))."""
     strides, padding = geometry
-    b, _, _, c = x.shape
+    c = x.shape[3]
     kh, kw, _, o = kernel.shape
-    size, pads, kpads = [], [], []
+    pads, kpads = [], []
     for n, k, s, (lo, hi) in zip(x.shape[1:3], (kh, kw), strides, padding):
         out = (n + lo + hi - k) // s + 1
         kp = -(-k // s) * s                       # kernel zero-filled to a multiple of s
         rows = s * (out - 1) + kp                 # the padded input rows the output reads
-        size.append(rows // s)
         pads.append((lo, rows - n - lo, 0))       # a negative high pad crops unread rows
         kpads.append((0, kp - k))
-    (sh, sw), (hh, ww) = strides, size
+    sh, sw = strides
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
-    xs = xp.reshape(b, hh, sh, ww, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(
-        b, hh, ww, sh * sw * c)
+    xs = space_to_depth(xp, (sh, sw))
     kz = jnp.pad(kernel, (*kpads, (0, 0), (0, 0)))
     uh, uw = kz.shape[0] // sh, kz.shape[1] // sw
     ks = kz.reshape(uh, sh, uw, sw, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(
         uh, uw, sh * sw * c, o)
     return jax.lax.conv_general_dilated(xs, ks, (1, 1), ((0, 0), (0, 0)),
                                         dimension_numbers=_NHWC)
+
+
+def space_to_depth(x: jax.Array, block: tuple = (2, 2)) -> jax.Array:
+    """(B, H, W, C) -> (B, H / bh, W / bw, bh * bw * C): each bh x bw cell's pixels as
+    channels, ordered (row phase, column phase, c); H, W multiples of the block."""
+    b, h, w, c = x.shape
+    bh, bw = block
+    return x.reshape(b, h // bh, bh, w // bw, bw, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, h // bh, w // bw, bh * bw * c)
+
+
+def depth_to_space(y: jax.Array, block: tuple = (2, 2)) -> jax.Array:
+    """The inverse of `space_to_depth`: (B, h, w, bh * bw * C) -> (B, h * bh, w * bw, C)."""
+    b, h, w, cc = y.shape
+    bh, bw = block
+    return y.reshape(b, h, w, bh, bw, cc // (bh * bw)).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, h * bh, w * bw, cc // (bh * bw))
 
 
 def _with_gradients(forward: Callable, dx_fn: Callable, dk_fn: Callable) -> Callable:

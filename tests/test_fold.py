@@ -59,9 +59,11 @@ def test_each_conv_as_a_matrix_product_equals_the_conv(gen, monkeypatch):
     x, p = _x(), _x(n=1, seed=1)[0]
     convs = fast._forward(folded, x, p)
     layers = fast.matrix_layers(folded, "float32")
-    assert "matrix" in layers["down1"] and "matrix" in layers["up2"]
-    assert "taps" in layers["out"]                                    # the 7x7 output conv too
-    assert "kernel" in layers["in"]       # the input conv stays float32, its prior half once
+    assert "matrix" in layers["down2"]                                   # strided taps
+    for key in ("in", "down1", "up1", "up2"):                           # space_to_depth cells
+        assert "cells_matrix" in layers[key]
+    assert "cells_taps" in layers["out"]                              # the 7x7 output conv too
+    assert "prior_cells_matrix" in layers["in"]    # the prior's half, once per batch
     matrices = fast._forward(layers, x, p)
     np.testing.assert_allclose(matrices, convs, atol=2e-6, rtol=1e-5)
 
@@ -71,7 +73,8 @@ def test_bfloat16_within_one_grey_level_and_really_bfloat16(gen):
     gen = precision.with_output_scale(gen, 0.3)     # values inside +-eps, ~4 grey levels
     bf16 = fast.prepare(gen, "bfloat16")
     assert bf16.layers["blocks"][0]["conv1"]["winograd"][0].dtype == jnp.bfloat16   # F(2x2, 3x3)
-    assert bf16.layers["up1"]["matrix"]["oo"].dtype == jnp.bfloat16
+    assert bf16.layers["up1"]["cells_matrix"].dtype == jnp.bfloat16
+    assert bf16.layers["in"]["cells_matrix"].dtype == jnp.bfloat16
     ref, test = protect.protect(gen, faces), protect.protect(bf16, faces)
     assert test.dtype == np.uint8 and np.abs(test.astype(int) - faces).max() <= 6
     agree = precision.merge_agreement([precision.grey_level_agreement(ref, test, faces)])

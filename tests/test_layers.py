@@ -213,7 +213,7 @@ def test_winograd_bfloat16_operands_are_rounded_to_nearest_even():
         -30, 30, 4096), np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 - 2 ** -25,
                                    3.3895e38, 0.0, -0.0, 1e-40], np.float32)])
     want = jax.lax.bitcast_convert_type(jnp.asarray(x).astype(jnp.bfloat16), jnp.uint16)
-    np.testing.assert_array_equal(winograd._rounded_bits(jnp.asarray(x)), want)
+    np.testing.assert_array_equal(winograd.bfloat16_bits(jnp.asarray(x)), want)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU fast paths")

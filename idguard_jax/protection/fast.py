@@ -14,21 +14,24 @@ blocks use F(2x2, 3x3) with bfloat16 products.
 a bias: kernel * s and bias - mean * s, s = scale / sqrt(var + 1e-5) per output channel. The
 float32 forward then runs the module's convolutions (same padding, same CPU layout trick as
 `ports.layers.reflect_conv2d`) outside the blocks, so it agrees with `generator.protect_eval`
-to float32 rounding there and to Winograd's ~1e-5 in the blocks. In both paths the input 7x7
-conv of cat(x, prior) is float32, split in two: the prior's half is the same for every image
-and computed once (`_input_conv`).
+to float32 rounding there and to Winograd's ~1e-5 in the blocks. Its input 7x7 conv of
+cat(x, prior) is split in two: the prior's half is the same for every image and computed
+once per batch (`_input_conv`).
 
 The bfloat16 forward exists because XLA:CPU computes a bfloat16 convolution in float32 (it
 converts both operands and calls its float32 convolution), while a plain 2-D dot of bfloat16
 operands with float32 accumulation runs in bfloat16 (YNNPACK; AVX512-BF16 or AMX). So each
-other convolution becomes patches (slices and concatenation, moved as uint16 bit patterns:
-XLA:CPU widens every bfloat16 copy to float32 and back) and a 2-D product: the output 7x7 conv
-(3 channels) every tap as an output summed after, the stride-2 convs their nine strided taps;
-a transposed k3 s2 conv becomes its four output phases, each a product over the 1, 2 or 4
-input pixels it depends on, interleaved after; the residual blocks are bfloat16 Winograd.
-Activations are rounded to bfloat16 only where they enter a product; bias, activations, the
-residual sum and the output stay float32. A stride-2 conv on fewer than MIN_DOWN_CHANNELS
-input channels stays a float32 convolution.
+convolution becomes patches (slices and concatenation, moved as uint16 bit patterns: XLA:CPU
+widens every bfloat16 copy to float32 and back) and a 2-D product. The full-resolution layers
+work on space_to_depth cells (2 x 2 pixels as channels), so that patches are copies of whole
+cells and products have long contractions and many columns: the input 7x7 conv (the prior's
+half once per batch), the first stride-2 conv (its input's cells: four neighbouring cells'
+channel ranges), both transposed k3 s2 convs (one product per input pixel giving its output
+cell), the output 7x7 conv (each padded cell's product to all 16 cell taps, summed after);
+the second stride-2 conv takes its nine strided taps, the residual blocks are bfloat16
+Winograd F(2x2, 3x3). Activations are rounded to bfloat16 only where they enter a product;
+bias, activations, the residual sum and the output stay float32. A second stride-2 conv on
+fewer than MIN_DOWN_CHANNELS input channels stays a float32 convolution.
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ import numpy as np
 from jax import lax
 
 from idguard_jax.generator import Generator, GeneratorConfig, generator_input, within_budget
-from ports.layers import conv_transpose_forward, reflect_conv, reflect_conv_pairs, reflect_pad
-from ports.winograd import conv3x3_winograd, winograd_fits, winograd_kernel
+from ports.layers import (conv_transpose_forward, depth_to_space, reflect_conv,
+                          reflect_conv_pairs, reflect_pad, space_to_depth)
+from ports.winograd import bfloat16_bits, conv3x3_winograd, winograd_fits, winograd_kernel
 
 __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers", "prepare",
            "protect_fast", "layer_names",
@@ -51,9 +55,9 @@ __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers"
            "DTYPES", "BN_EPSILON"]
 
 DTYPES = ("float32", "bfloat16")
-# A stride-2 conv with fewer input channels stays a float32 conv on the matrix path: its strided
-# patches cost as much as the product saves. 64 -> 128 at 256 px, batch 4: no faster on a 2-core
-# EPYC; on the 2-core Xeon (AMX) the whole bfloat16 forward 0.133 -> 0.123 s per image.
+# The second stride-2 conv with fewer input channels stays a float32 conv on the matrix path:
+# strided patches of few channels cost as much as the product saves (the first, 64 -> 128 at
+# 256 px, batch 4, was no faster on a 2-core EPYC before it took its input's cells).
 MIN_DOWN_CHANNELS = 64
 BN_EPSILON = 1e-5     # ports.layers.BatchNorm's (torch's) epsilon
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -106,9 +110,9 @@ def fold_batchnorm(variables: dict, cfg: GeneratorConfig) -> dict:
 # ------------------------------------------------------------------------------ float32 convs
 
 
-def _conv(x, kernel, stride: int, pad: int):
-    return lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-                                    dimension_numbers=_DN)
+def _strided_conv(x, kernel):
+    """conv 3x3 stride 2 zero padding 1 (the generator's down-sampling), float32."""
+    return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_DN)
 
 
 # ------------------------------------------------------------------------------ bfloat16 products
@@ -117,10 +121,12 @@ def _conv(x, kernel, stride: int, pad: int):
 def _bits(x, dtype):
     """float32 activations -> what the patches are built from: for bfloat16 its uint16 bit
     patterns (XLA:CPU widens every bfloat16 copy to float32 and back; integer copies stay
-    copies), float32 unchanged (the test of the formulation)."""
-    if dtype == jnp.float32:
+    copies), rounded by integer ops (`ports.winograd.bfloat16_bits`: XLA:CPU's own convert
+    after a SELU ran 2x slower, 20 against 12 ms on 16.7M values); float32 unchanged (the
+    test of the formulation)."""
+    if dtype == jnp.float32 or x.dtype == jnp.uint16:
         return x
-    return lax.bitcast_convert_type(x.astype(dtype), jnp.uint16)
+    return bfloat16_bits(x)
 
 
 def _mm(patches, matrix):
@@ -143,18 +149,6 @@ def _reflect_conv_mm(x, matrix):
     return sum(y[:, i:i + h, :, i] for i in range(k))
 
 
-def _taps_conv_mm(x, matrix, out_channels: int):
-    """ReflectionPad2d(k // 2) + conv k x k to few output channels on x (B, H, W, C), matrix
-    (C, k*k*O) (`_taps_matrix`): one product gives every tap's contribution at every padded
-    pixel, and the k*k shifted views are summed (a product to O = 3 columns runs far below
-    the dot's peak; to k*k*O = 147 it does not)."""
-    b, h, w, _ = x.shape
-    k = int(round(np.sqrt(matrix.shape[1] // out_channels)))
-    xp = reflect_pad(_bits(x, matrix.dtype), k // 2)
-    y = _mm(xp, matrix).reshape(b, h + k - 1, w + k - 1, k * k, out_channels)
-    return sum(y[:, i:i + h, j:j + w, k * i + j] for i in range(k) for j in range(k))
-
-
 def _down_conv_mm(x, matrix):
     """conv 3x3 stride 2 zero padding 1 on x (B, H, W, C), H and W even, matrix (9C, O): the
     nine strided taps concatenated, one product."""
@@ -165,22 +159,131 @@ def _down_conv_mm(x, matrix):
     return _mm(patches, matrix)
 
 
-def _up_conv_mm(x, matrices):
-    """ConvTranspose2d(k3, s2, p1, output_padding 1) on x (B, H, W, C) -> (B, 2H, 2W, O).
-    Output pixel (2a + p, 2b + q) depends only on inputs (a, b), (a, b + 1), (a + 1, b),
-    (a + 1, b + 1) (zero past the border): phase (0, 0) on 1 of them, (0, 1) and (1, 0) on 2,
-    (1, 1) on 4, so four products (patches of C, 2C, 2C, 4C; `_up_matrices`) give the four
-    phases, interleaved after."""
+# Space-to-depth (ports.layers.space_to_depth): the full-resolution layers (the input and
+# output 7x7 convs, the first stride-2 conv, the transposed convs) work on 2 x 2 pixel cells
+# as channels, so that every patch is a copy of whole cells (no strided pixel gathers) and
+# every product has a long contraction and many columns (3 input or output channels alone
+# run far below the dot's peak).
+
+def _cell_kernel(kernel):
+    """A stride-1 kernel (k, k, C, O) HWIO, k odd -> (n, n, 4C, 4O), n = k // 2 + 1: the
+    same convolution from the space_to_depth cells of the input padded by k // 2 to the cells
+    of the output. Output pixel 2a + p reads padded rows 2a + p + i (i < k), the row phase
+    pi of cell a + t with i = 2t + pi - p; taps outside the kernel are zero."""
+    k, _, c, o = kernel.shape
+    n = k // 2 + 1
+    tap = np.full((n, 2, 2), k)                       # (t, pi, p) -> kernel row, k: zero
+    for t in range(n):
+        for pi in range(2):
+            for ph in range(2):
+                if 0 <= 2 * t + pi - ph < k:
+                    tap[t, pi, ph] = 2 * t + pi - ph
+    kz = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    g = kz[tap[:, :, :, None, None, None], tap[None, None, None]]   # (t, pi, p, u, pj, q, C, O)
+    return g.transpose(0, 3, 1, 4, 6, 2, 5, 7).reshape(n, n, 4 * c, 4 * o)
+
+
+def _input_patches_s2d(x, dtype, pad: int):
+    """x (B, H, W, C) float32 -> the im2col patches of the reflect-padded input's cells for
+    `_cell_kernel` with n = pad + 1: (B, H/2, W/2, n * n * 4C) bits."""
+    n = pad + 1
+    xs = space_to_depth(_bits(reflect_pad(x, pad), dtype))
+    h, w = xs.shape[1] - n + 1, xs.shape[2] - n + 1
+    return jnp.concatenate([xs[:, i:i + h, j:j + w] for i in range(n) for j in range(n)], -1)
+
+
+def _input_conv_s2d(layer: dict, x, p):
+    """The input 7x7 conv of cat(x, p) on space_to_depth cells: x (B, H, W, 3) float32, p
+    (H, W, 3) the clamped prior -> (B, H/2, W/2, 4 * 64) float32 cells, bias added. The
+    image's half is one product (patches of 16 cells x 12 values); the prior's half is the
+    same for every image: the same product, once per batch (a convolution's output
+    rearranged into cells was re-gathered per image inside the sum: 70 against 33 ms at
+    256 px, batch 4; XLA:CPU's convolution of the prior's cells took 18 ms, its float32
+    product 14)."""
+    matrix, prior_matrix = layer["cells_matrix"], layer["prior_cells_matrix"]
+    pad = int(round(np.sqrt(matrix.shape[0] // (4 * x.shape[-1])))) - 1
+    prior = _mm(_input_patches_s2d(p[None], prior_matrix.dtype, pad), prior_matrix)
+    return _mm(_input_patches_s2d(x, matrix.dtype, pad), matrix) + prior + layer["bias"]
+
+
+def _down_conv_s2d(cells, matrix):
+    """conv 3x3 stride 2 zero padding 1 of an image given as its space_to_depth cells (B, h, w,
+    4C) float32 -> (B, h, w, O), matrix (9C, O) (`_down_cells_matrix`). Output pixel a reads
+    input rows 2a - 1, 2a, 2a + 1: row phase 1 of cell a - 1 and both phases of cell a; so the
+    patches are whole channel ranges of four neighbouring cells (9C values, no gathers)."""
+    b, h, w, c4 = cells.shape
+    c = c4 // 4
+    cp = jnp.pad(_bits(cells, matrix.dtype), ((0, 0), (1, 0), (1, 0), (0, 0)))
+    cell = lambda di, dj: cp[:, di:di + h, dj:dj + w]
+    up_left, up, left, here = cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1)
+    phase = lambda a, pi, pj: a[..., (2 * pi + pj) * c:(2 * pi + pj + 1) * c]
+    patches = jnp.concatenate([phase(up_left, 1, 1), up[..., 2 * c:], phase(left, 0, 1),
+                               phase(left, 1, 1), here], axis=-1)
+    return _mm(patches, matrix)
+
+
+def _down_cells_matrix(kernel):
+    """HWIO (3, 3, C, O) -> (9C, O), rows in `_down_conv_s2d`'s patch order."""
+    order = ((0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (1, 1), (1, 2), (2, 1), (2, 2))
+    return jnp.concatenate([kernel[i, j] for i, j in order], axis=0)
+
+
+def _up_conv_s2d(x, matrix):
+    """ConvTranspose2d(k3, s2, p1, output_padding 1) on x (B, H, W, C) -> its output's
+    space_to_depth cells (B, H, W, 4O): output cell (a, b) depends only on inputs (a, b),
+    (a, b + 1), (a + 1, b), (a + 1, b + 1) (zero past the border), so one product of their
+    4C values with `_up_cells_matrix` (zeros where a phase does not read an input; 16/9 of
+    the multiply-adds, but one product with 4O columns and no interleaving)."""
     b, h, w, _ = x.shape
-    dt = matrices["ee"].dtype
-    xp = jnp.pad(_bits(x, dt), ((0, 0), (0, 1), (0, 1), (0, 0)))
-    x00, x01, x10, x11 = (xp[:, di:di + h, dj:dj + w] for di in (0, 1) for dj in (0, 1))
-    ee = _mm(x00, matrices["ee"])
-    eo = _mm(jnp.concatenate([x00, x01], axis=-1), matrices["eo"])
-    oe = _mm(jnp.concatenate([x00, x10], axis=-1), matrices["oe"])
-    oo = _mm(jnp.concatenate([x00, x01, x10, x11], axis=-1), matrices["oo"])
-    y = jnp.stack([jnp.stack([ee, eo], axis=3), jnp.stack([oe, oo], axis=3)], axis=2)
-    return y.reshape(b, 2 * h, 2 * w, -1)
+    xp = jnp.pad(_bits(x, matrix.dtype), ((0, 0), (0, 1), (0, 1), (0, 0)))
+    patches = jnp.concatenate([xp[:, di:di + h, dj:dj + w] for di in (0, 1) for dj in (0, 1)],
+                              axis=-1)
+    return _mm(patches, matrix)
+
+
+def _up_cells_matrix(kernel):
+    """The transposed conv's kernel (3, 3, O, C) in the module's layout (the torch weight
+    (C, O, kh, kw) transposed (2, 3, 1, 0)) -> (4C, 4O): rows (input offset (di, dj), c),
+    columns (output phase (p, q), o). Per axis, torch's ConvTranspose2d(k3, s2, p1) adds input
+    a times tap k into output 2a - 1 + k: phase 0 (output 2a) takes tap 1 of input a, phase 1
+    (2a + 1) tap 2 of input a and tap 0 of input a + 1."""
+    tap = {(0, 0): 1, (1, 0): 2, (1, 1): 0}            # (phase, input offset) -> torch tap
+    o, c = kernel.shape[2], kernel.shape[3]
+    zero = jnp.zeros((c, o), kernel.dtype)
+    rows = [jnp.concatenate([kernel[tap[p, di], tap[q, dj]].T
+                             if (p, di) in tap and (q, dj) in tap else zero
+                             for p in (0, 1) for q in (0, 1)], axis=1)
+            for di in (0, 1) for dj in (0, 1)]
+    return jnp.concatenate(rows, axis=0)
+
+
+def _output_conv_s2d(x, taps, out_channels: int):
+    """ReflectionPad2d(k // 2) + conv k x k (k odd) to few output channels of x (B, H, W, C)
+    -> (B, H, W, O), taps (4C, n * n * 4O), n = k // 2 + 1 (`_output_cells_taps`): one
+    product of each padded input cell gives every cell tap's contribution, and the n * n
+    shifted views are summed in cells (4O = 12 values wide, against 3 per pixel)."""
+    n = int(round(np.sqrt(taps.shape[1] // (4 * out_channels))))
+    k = 2 * n - 1
+    xs = space_to_depth(_bits(reflect_pad(x, k // 2), taps.dtype))
+    b, hh, ww, _ = xs.shape
+    y = _mm(xs, taps).reshape(b, hh, ww, n * n, -1)
+    h, w = hh - n + 1, ww - n + 1
+    return depth_to_space(sum(y[:, i:i + h, j:j + w, n * i + j]
+                              for i in range(n) for j in range(n)))
+
+
+def _output_cells_taps(kernel):
+    """HWIO (k, k, C, O) -> (4C, n * n * 4O): columns (cell tap t, u, output phase, o)."""
+    g = _cell_kernel(kernel)
+    return jnp.transpose(g, (2, 0, 1, 3)).reshape(g.shape[2], -1)
+
+
+def _selu(x):
+    """SELU as scale * (max(x, 0) + alpha * (exp(min(x, 0)) - 1)) for the bfloat16 path:
+    ~2x faster than jax.nn.selu (expm1 and selects) on XLA:CPU, within ~1e-7 of it, far
+    below the bfloat16 rounding of the next product's input."""
+    alpha, scale = 1.6732632423543772, 1.0507009873554805
+    return scale * (jnp.maximum(x, 0) + alpha * (jnp.exp(jnp.minimum(x, 0)) - 1))
 
 
 def _rows_matrix(kernel):
@@ -189,47 +292,41 @@ def _rows_matrix(kernel):
     return jnp.transpose(kernel, (1, 2, 0, 3)).reshape(k[1] * k[2], k[0] * k[3])
 
 
-def _taps_matrix(kernel):
-    """HWIO (k, k, C, O) -> (C, k*k*O): columns (tap i, tap j, o)."""
-    k = kernel.shape
-    return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(k[2], -1)
-
-
 def _down_matrix(kernel):
     """HWIO (3, 3, C, O) -> (9C, O), rows (i, j, c) as _down_conv_mm's patches."""
     return kernel.reshape(-1, kernel.shape[-1])
 
 
-def _up_matrices(kernel) -> dict:
-    """The transposed conv's kernel (3, 3, O, C) in the module's layout (the torch weight
-    (C, O, kh, kw) transposed (2, 3, 1, 0)) -> _up_conv_mm's four phase matrices. Per axis,
-    torch's ConvTranspose2d(k3, s2, p1) adds input a times tap k into output 2a - 1 + k: even
-    outputs 2a take tap 1 of input a, odd outputs 2a + 1 tap 2 of input a and tap 0 of a + 1."""
-    t = lambda ki, kj: kernel[ki, kj].T                  # torch tap (ki, kj) as (C, O)
-    return {"ee": t(1, 1), "eo": jnp.concatenate([t(1, 2), t(1, 0)]),
-            "oe": jnp.concatenate([t(2, 1), t(0, 1)]),
-            "oo": jnp.concatenate([t(2, 2), t(2, 0), t(0, 2), t(0, 0)])}
-
-
 def matrix_layers(folded: dict, dtype: str = "bfloat16", block_side: int | None = None) -> dict:
     """Folded float32 layers -> the matrix path's: each conv's kernel rearranged for its
-    product and cast to `dtype`; biases and a stride-2 kernel on fewer than MIN_DOWN_CHANNELS
-    input channels stay float32. Where `block_side` (the residual blocks' side, image_size /
-    4) is even, the blocks' products are F(2x2, 3x3) Winograd's
-    (16/36 of the multiply-adds); F(4x4, 3x3) is not used here: its larger coefficients
-    amplify bfloat16's rounding (error ~7e-2 of a conv's scale, against ~4e-3)."""
+    product and cast to `dtype`, biases float32. The full-resolution layers work on
+    space_to_depth cells: 'in' {'cells_matrix', 'prior_cells_matrix' (the prior's half),
+    'bias'}, 'down1' and the transposed convs {'cells_matrix', 'bias'} (the bias of
+    a layer with cell outputs tiled over the 4 phases), 'out' {'cells_taps', 'bias'}; 'down2'
+    {'matrix'} (its strided taps), or its float32 'kernel' on fewer than MIN_DOWN_CHANNELS
+    input channels. Where `block_side` (the residual blocks' side, image_size / 4) is even,
+    the blocks' products are F(2x2, 3x3) Winograd's (16/36 of the multiply-adds; F(4x4, 3x3)
+    was slower here: its 36 products per tile are smaller, and its larger coefficients
+    amplify bfloat16's rounding, ~7e-2 of a conv's scale against ~4e-3)."""
     dt = jnp.dtype(dtype)
     cast = lambda m: m.astype(dt)
-    out = {"in": folded["in"],
-           "out": {"taps": cast(_taps_matrix(folded["out"]["kernel"])),
+    kin = folded["in"]["kernel"]
+    c = kin.shape[2] // 2                              # image channels; the prior's follow
+    cells = _cell_kernel(kin[:, :, :c])
+    out = {"in": {"cells_matrix": cast(cells.reshape(-1, cells.shape[-1])),
+                  "prior_cells_matrix": cast(_cell_kernel(kin[:, :, c:]).reshape(-1,
+                                                                                 cells.shape[-1])),
+                  "bias": jnp.tile(folded["in"]["bias"], 4)},
+           "down1": {"cells_matrix": cast(_down_cells_matrix(folded["down1"]["kernel"])),
+                     "bias": folded["down1"]["bias"]},
+           "out": {"cells_taps": cast(_output_cells_taps(folded["out"]["kernel"])),
                    "bias": folded["out"]["bias"]}}
-    for key in ("down1", "down2"):
-        kernel = folded[key]["kernel"]
-        out[key] = ({"matrix": cast(_down_matrix(kernel)), "bias": folded[key]["bias"]}
-                    if kernel.shape[2] >= MIN_DOWN_CHANNELS else folded[key])
+    kernel = folded["down2"]["kernel"]
+    out["down2"] = ({"matrix": cast(_down_matrix(kernel)), "bias": folded["down2"]["bias"]}
+                    if kernel.shape[2] >= MIN_DOWN_CHANNELS else folded["down2"])
     for key in ("up1", "up2"):
-        out[key] = {"matrix": jax.tree.map(cast, _up_matrices(folded[key]["kernel"])),
-                    "bias": folded[key]["bias"]}
+        out[key] = {"cells_matrix": cast(_up_cells_matrix(folded[key]["kernel"])),
+                    "bias": jnp.tile(folded[key]["bias"], 4)}
     if block_side is not None and winograd_fits((1, block_side, block_side), 2):
         out["blocks"] = _winograd_blocks(folded["blocks"], 2, dt)
     else:
@@ -277,35 +374,63 @@ def _input_conv(layer: dict, x, p):
     return conv(x, kernel[:, :, :c]) + conv(p[None], kernel[:, :, c:]) + layer["bias"]
 
 
-def _forward(layers: dict, x, p):
-    """The folded generator on G's input cat(x, p), x (B, H, W, 3) float32 and the clamped
-    prior p (H, W, 3) -> pre-tanh (B, H, W, 3): the input conv is float32 (_input_conv); a
-    layer holding a 'matrix' (matrix_layers) is a bfloat16 product, one holding 'winograd'
-    (residual blocks only) a Winograd convolution with products in its kernel's dtype, one
-    holding a 'kernel' a float32 convolution."""
-    def lin(y, layer):
-        return y + layer["bias"]
+def _conv(h, layer, matrix_form, kernel_form):
+    """One conv + bias by the form its layer holds: 'matrix' (a product, matrix_layers),
+    'winograd' (a residual block's 3x3: Winograd with products in its kernel's dtype) or
+    'kernel' (a float32 convolution)."""
+    if "matrix" in layer:
+        y = matrix_form(h, layer["matrix"])
+    elif "winograd" in layer:
+        y = conv3x3_winograd(reflect_pad(h, 1), layer["winograd"])
+    else:
+        y = kernel_form(h, layer["kernel"])
+    return y + layer["bias"]
 
-    def conv(h, layer, matrix_form, kernel_form):
-        if "matrix" in layer:
-            return lin(matrix_form(h, layer["matrix"]), layer)
-        if "winograd" in layer:
-            return lin(conv3x3_winograd(reflect_pad(h, 1), layer["winograd"]), layer)
-        return lin(kernel_form(h, layer["kernel"]), layer)
 
+def _blocks(blocks: list, h):
+    """The residual blocks: h + conv2(relu(conv1(h))), each conv reflect-padded 3x3."""
+    for blk in blocks:
+        r = jax.nn.relu(_conv(h, blk["conv1"], _reflect_conv_mm, reflect_conv))
+        h = h + _conv(r, blk["conv2"], _reflect_conv_mm, reflect_conv)
+    return h
+
+
+def _float32_forward(layers: dict, x, p):
+    """fold_batchnorm's (or winograd_layers') layers: XLA's float32 convolutions, the blocks
+    by Winograd where they hold it."""
     h = jax.nn.selu(_input_conv(layers["in"], x, p))
     for key in ("down1", "down2"):
-        h = jax.nn.selu(conv(h, layers[key], _down_conv_mm, lambda x, k: _conv(x, k, 2, 1)))
-    for blk in layers["blocks"]:
-        r = jax.nn.relu(conv(h, blk["conv1"], _reflect_conv_mm, reflect_conv))
-        h = h + conv(r, blk["conv2"], _reflect_conv_mm, reflect_conv)
+        h = jax.nn.selu(layers[key]["bias"] + _strided_conv(h, layers[key]["kernel"]))
+    h = _blocks(layers["blocks"], h)
     for key in ("up1", "up2"):
-        h = jax.nn.selu(conv(h, layers[key], _up_conv_mm,
-                             lambda x, k: conv_transpose_forward(x, k, (2, 1, 1))))
+        h = jax.nn.selu(conv_transpose_forward(h, layers[key]["kernel"], (2, 1, 1))
+                        + layers[key]["bias"])
+    return reflect_conv(h, layers["out"]["kernel"]) + layers["out"]["bias"]
+
+
+def _matrix_forward(layers: dict, x, p):
+    """matrix_layers' layers: the input conv, down1, the transposed convs and the output conv
+    on space_to_depth cells, down2 by its strided taps, the blocks by Winograd (or row
+    products); every product's operands in the matrices' dtype, everything between float32."""
+    dt = layers["down1"]["cells_matrix"].dtype
+    h = _bits(_selu(_input_conv_s2d(layers["in"], x, p)), dt)           # cells
+    h = _selu(_down_conv_s2d(h, layers["down1"]["cells_matrix"]) + layers["down1"]["bias"])
+    h = _selu(_conv(h, layers["down2"], _down_conv_mm, _strided_conv))
+    h = _blocks(layers["blocks"], h)
+    for key in ("up1", "up2"):
+        # the output's bits in cells (an elementwise pass), then rearranged as 2-byte values
+        cells = _up_conv_s2d(h, layers[key]["cells_matrix"]) + layers[key]["bias"]
+        h = depth_to_space(_bits(_selu(cells), dt))
     out = layers["out"]
-    if "taps" in out:
-        return lin(_taps_conv_mm(h, out["taps"], out["bias"].shape[0]), out)
-    return lin(reflect_conv(h, out["kernel"]), out)
+    return _output_conv_s2d(h, out["cells_taps"], out["bias"].shape[0]) + out["bias"]
+
+
+def _forward(layers: dict, x, p):
+    """The folded generator on G's input cat(x, p), x (B, H, W, 3) float32 and the clamped
+    prior p (H, W, 3) -> pre-tanh (B, H, W, 3), by the path its layers were prepared for."""
+    if "cells_matrix" in layers["in"]:
+        return _matrix_forward(layers, x, p)
+    return _float32_forward(layers, x, p)
 
 
 def _generator_output(layers: dict, delta_p, x, eps: float):
