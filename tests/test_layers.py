@@ -10,7 +10,8 @@ from flax import linen as nn
 
 from ports.layers import (Conv3x3Resampled, conv2d, conv_space_to_depth, conv_transpose, conv_transpose2d,
                           conv_transpose_phases, conv_transpose_subpixel, max_pool_2x2,
-                          normalize, reflect_conv, reflect_conv_pairs)
+                          depth_to_space, normalize, reflect_conv, reflect_conv_pairs,
+                          space_to_depth)
 from ports import winograd
 from ports.winograd import conv3x3_winograd, winograd_kernel
 
@@ -115,6 +116,16 @@ def test_space_to_depth_form_equals_the_direct_conv(k, s, p, n):
     got = conv_space_to_depth(x, kernel, ((s, s), ((p, p), (p, p))))
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_space_to_depth_cells_and_their_inverse():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    cells = space_to_depth(x)
+    assert cells.shape == (2, 2, 3, 12)
+    # cell (1, 2), row phase 1, column phase 0, channel 2 is pixel (3, 4), channel 2
+    np.testing.assert_array_equal(cells[1, 1, 2, (2 * 1 + 0) * 3 + 2], x[1, 3, 4, 2])
+    np.testing.assert_array_equal(depth_to_space(cells), x)
+    np.testing.assert_array_equal(depth_to_space(space_to_depth(x, (2, 3)), (2, 3)), x)
 
 
 @pytest.mark.parametrize("k,c", [(7, 3), (3, 5), (1, 2)])
