@@ -52,7 +52,7 @@ def test_folded_float32_equals_the_eval_forward(gen):
 
 
 def test_each_conv_as_a_matrix_product_equals_the_conv(gen, monkeypatch):
-    """The bfloat16 path's layouts (patches, phase matrices of the transposed convs), checked in
+    """The bfloat16 path's layouts (patches, space_to_depth cell matrices), checked in
     float32 where they must agree to rounding."""
     monkeypatch.setattr(fast, "MIN_DOWN_CHANNELS", 1)      # the second stride-2 conv a product too
     folded = fast.fold_batchnorm(gen.variables, CFG)
