@@ -68,7 +68,8 @@ calls, each call synchronised with jax.block_until_ready. Per measurement (JSON 
 
 The device record names the host allocator: 'retained' (idguard_jax.host_memory, what every
 command line sets) or 'system' (IDGUARD_HOST_MALLOC=system); under --against torch it holds for
-both sides.
+both sides. Its 'xla_cpu_convolutions' is 'eigen' (idguard_jax.xla_cpu, what every command line
+sets) or 'xla default' (IDGUARD_XLA_CPU_CONV=ynn, the user's own XLA_FLAGS, an unchecked jaxlib).
 
 Targets, the generator and the identity network carry RANDOM weights (speed does not depend on
 the values; 'auto' identity becomes an ArcFace-sized random network). Nothing is asserted. Only
@@ -85,7 +86,7 @@ import statistics
 import sys
 import time
 
-from idguard_jax import host_memory
+from idguard_jax import host_memory, startup, xla_cpu
 
 MEMORY_GIB = (16, 24, 40, 80, 141)
 
@@ -520,7 +521,8 @@ def _device_record(size: str) -> dict:
     dev = jax.devices()[0]
     return {"bench": "device", "device": str(dev), "kind": dev.device_kind,
             "platform": dev.platform, "count": len(jax.devices()), "jax": jax.__version__,
-            "size": size, "host_malloc": "retained" if host_memory.retained() else "system"}
+            "size": size, "host_malloc": "retained" if host_memory.retained() else "system",
+            "xla_cpu_convolutions": "eigen" if xla_cpu.routed() else "xla default"}
 
 
 def _per_dtype_sections(args, base, skip: set, emit) -> None:
@@ -635,12 +637,14 @@ def _print_anchor_summary(results: list[dict]) -> None:
         if r["bench"] == "device":
             lines.insert(0, f"both sides in one process, host malloc {r['host_malloc']} "
                             f"(idguard_jax.host_memory; {host_memory.ENV}=system for glibc's "
-                            "default)")
+                            "default); XLA:CPU convolutions "
+                            f"{r['xla_cpu_convolutions']} (idguard_jax.xla_cpu; "
+                            f"{xla_cpu.ENV}=ynn for XLA's default)")
     if len(lines) > 3:
         print("\n".join(lines), file=sys.stderr)
 
 
-@host_memory.command
+@startup.command
 def main(argv=None) -> int:
     p = _parser()
     args = p.parse_args(argv)

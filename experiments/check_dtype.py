@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 
-from idguard_jax import host_memory
+from idguard_jax import startup
 
 BAR = 0.999
 
@@ -157,7 +157,7 @@ def _print(result, stream) -> None:
                   f"changed", file=stream)
 
 
-@host_memory.command
+@startup.command
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if not args.photos and not args.aligned:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 
 # command -> (module with main(argv), one line of help)
 COMMANDS = {
@@ -27,7 +27,7 @@ COMMANDS = {
 }
 
 
-@host_memory.command
+@startup.command
 def main(argv=None) -> int:
     as_command = argv is None
     argv = sys.argv[1:] if as_command else list(argv)

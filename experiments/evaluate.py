@@ -32,7 +32,7 @@ import os
 import sys
 import time
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 from idguard_jax.networks.targets import PAPER_TARGETS, TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
@@ -205,7 +205,7 @@ def _config(args, methods, target_names, generators):
         seed=args.seed, pg_ngf=args.pg_ngf, pg_blocks=args.pg_blocks, baselines=baselines)
 
 
-@host_memory.command
+@startup.command
 @compile_cache.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 
 __all__ = ["main", "build_parser"]
 
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> str:
     return f"wrote {written} heatmaps to {args.out_dir} ({had} were already there)"
 
 
-@host_memory.command
+@startup.command
 @compile_cache.command
 def main(argv: list[str] | None = None) -> int:
     try:

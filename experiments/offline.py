@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
@@ -222,7 +222,7 @@ def _enlarge(src: str, dst: str) -> str:
     return dst
 
 
-@host_memory.command
+@startup.command
 @compile_cache.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from idguard_jax import host_memory
+from idguard_jax import startup
 
 DATASETS = ("celebamask-hq", "aligned", "photos")
 
@@ -92,7 +92,7 @@ def _prepare(args) -> tuple[dict, int]:
     return {"cache": os.path.abspath(args.cache), **counts}, 1 if counts["failed"] else 0
 
 
-@host_memory.command
+@startup.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 
 
 __all__ = ["main", "build_parser"]
@@ -234,7 +234,7 @@ def _compute(args) -> int:
     return 0
 
 
-@host_memory.command
+@startup.command
 @compile_cache.command
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 user error)."""

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 
 
 # --format choices -> PIL format names (None: each photo's own)
@@ -257,7 +257,7 @@ def _protect(args, gen, todo, timer=None) -> tuple[list, float, int]:
     return outcomes, time.perf_counter() - t0, status
 
 
-@host_memory.command
+@startup.command
 @compile_cache.command
 def main(argv=None) -> int:
     args = parser().parse_intermixed_args(argv)

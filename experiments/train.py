@@ -26,7 +26,7 @@ import dataclasses
 import os
 import sys
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_FACES = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "faces", "celebahq"))
@@ -194,7 +194,7 @@ def _delta_p(cfg, prior: str | None):
     return load_prior(prior, cfg.image_size)
 
 
-@host_memory.command
+@startup.command
 @compile_cache.command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from idguard_jax import compile_cache, host_memory
+from idguard_jax import compile_cache, startup
 from idguard_jax.networks.targets import PAPER_TARGETS, TARGETS
 
 ALL_TARGETS = tuple(TARGETS)
@@ -96,7 +96,7 @@ def _print_table(m: dict, rows: list[dict], random_targets: bool) -> None:
           f"(L2_face > 0.05 and identity destroyed: {m['judge']})")
 
 
-@host_memory.command
+@startup.command
 @compile_cache.command
 def main(argv=None) -> int:
     args = parser().parse_intermixed_args(argv)

@@ -8,19 +8,16 @@ every step writes to fresh pages, and the kernel faults them in and zeroes them.
 `retain_freed_memory` sets glibc's malloc (mallopt) to serve every thread from one arena grown
 with brk, never by mmap, and never trimmed: the process keeps its peak footprint instead of
 returning it between steps. Call it at the start of a command line, before jax starts its CPU
-client: threads that have already allocated keep their own arenas. Set IDGUARD_HOST_MALLOC=system to leave malloc as it is.
-
-    @host_memory.command          # on each command line's main(argv=None)
-    def main(argv=None): ...
+client: threads that have already allocated keep their own arenas (every command line does,
+`startup.command`). Set IDGUARD_HOST_MALLOC=system to leave malloc as it is.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import os
 
-__all__ = ["retain_freed_memory", "retained", "command", "ENV"]
+__all__ = ["retain_freed_memory", "retained", "ENV"]
 
 ENV = "IDGUARD_HOST_MALLOC"
 # glibc's <malloc.h> parameter numbers
@@ -61,14 +58,3 @@ def retained() -> bool:
     """Whether this process's malloc keeps freed memory (retain_freed_memory applied)."""
     return _applied
 
-
-def command(main):
-    """Decorate a command line's `main(argv=None)`: called as the command (argv None: the
-    console script or `python experiments/X.py`), it first calls `retain_freed_memory`; called
-    from Python with an argv (tests, the `idguard` dispatcher) it changes nothing."""
-    @functools.wraps(main)
-    def wrapped(argv=None):
-        if argv is None:
-            retain_freed_memory()
-        return main(argv)
-    return wrapped

@@ -60,10 +60,11 @@ def test_the_dispatcher_enables_it_for_marked_commands(command, cached, monkeypa
     """`idguard COMMAND` (argv from sys.argv) enables the cache before a marked command runs;
     the bench (it times compiles) carries no mark."""
     from experiments import cli
-    from idguard_jax import host_memory
+    from idguard_jax import host_memory, xla_cpu
 
     calls = []
     monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: True)
+    monkeypatch.setattr(xla_cpu, "route_convolutions_to_eigen", lambda: True)
     monkeypatch.setattr(compile_cache, "enable", lambda *a, **k: calls.append(command))
     monkeypatch.setattr(sys, "argv", ["idguard", command, "--help"])
     with pytest.raises(SystemExit):

@@ -44,6 +44,7 @@ def test_folded_float32_equals_the_eval_forward(gen):
     module = CFG.module().apply(gen.variables, g_in, train=False)
     f32 = fast.prepare(gen, "float32")
     assert "winograd" in f32.layers["blocks"][0]["conv1"]   # on CPU, the blocks by Winograd
+    assert "cells_taps" in f32.layers["out"]                # and the output conv a product
     folded = fast.generator_output(f32.layers, gen.delta_p, x, config=CFG, eps=0.05)
     assert float(jnp.abs(module).max()) > 0.05            # not a trivially small output
     np.testing.assert_allclose(folded, module, atol=1e-6, rtol=1e-5)

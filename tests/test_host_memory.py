@@ -1,5 +1,6 @@
 """idguard_jax.host_memory: freed memory is kept for reuse (no fresh pages the second time),
-only for a command line run, and IDGUARD_HOST_MALLOC=system turns it off."""
+and IDGUARD_HOST_MALLOC=system turns it off (tests/test_startup.py: only for a command line
+run)."""
 import os
 import subprocess
 import sys
@@ -55,11 +56,3 @@ def test_freed_memory_is_reused_without_fresh_pages():
     # 256 MiB are 65536 pages of 4 KiB: glibc gives them back and faults them in again (with
     # transparent huge pages always on, 2 MiB pages: a few hundred faults)
     assert system > (100 if _huge_pages_always() else 30000)
-
-
-def test_command_tunes_only_a_command_line_run(monkeypatch):
-    calls = []
-    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: calls.append(1) or True)
-    main = host_memory.command(lambda argv=None: argv)
-    assert main(["--x"]) == ["--x"] and calls == []
-    assert main() is None and calls == [1]

@@ -6,8 +6,9 @@ at load time, computed in float32 (XLA's convolutions) or bfloat16 (matrix produ
 
 On CPU the float32 path computes the residual blocks' 3x3 convolutions by Winograd's F(4x4,
 3x3) (`ports.winograd`: 1/4 of the multiply-adds, 2.2x faster there; error ~1e-5 of a conv's
-scale, far below a grey level); elsewhere by the backend's convolution. The bfloat16 path's
-blocks use F(2x2, 3x3) with bfloat16 products.
+scale, far below a grey level), and the output conv (64 -> 3 channels) as a float32 product on
+space_to_depth cells (`cpu_float32_layers`); elsewhere by the backend's convolution. The
+bfloat16 path's blocks use F(2x2, 3x3) with bfloat16 products.
 
 `fold_batchnorm` rewrites each conv (transposed too) + eval BatchNorm pair of
 `generator.ResnetGenerator` (the reference's `net/advGen.py::ResnetGenerator`) as one conv with
@@ -49,7 +50,8 @@ from ports.layers import (conv_transpose_forward, depth_to_space, reflect_conv,
                           reflect_conv_pairs, reflect_pad, space_to_depth)
 from ports.winograd import bfloat16_bits, conv3x3_winograd, winograd_fits, winograd_kernel
 
-__all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers", "prepare",
+__all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers",
+           "cpu_float32_layers", "prepare",
            "protect_fast", "layer_names",
            "generator_output",
            "DTYPES", "BN_EPSILON"]
@@ -358,6 +360,18 @@ def winograd_layers(folded: dict, cfg: GeneratorConfig) -> dict:
     return folded
 
 
+def cpu_float32_layers(folded: dict, cfg: GeneratorConfig) -> dict:
+    """The float32 path's layers on CPU: `winograd_layers`, and the output conv (64 -> 3
+    channels) as its float32 cell taps ({'cells_taps', 'bias'}, `_output_conv_s2d`): a
+    product, which XLA:CPU keeps on YNNPACK where convolutions go to its own kernels
+    (`idguard_jax.xla_cpu`, every command line): there this conv took 190 ms at 256 px, batch
+    4 (2-core Xeon), the product 50 (on XLA's default routing: YNNPACK's conv 48, the product
+    54)."""
+    out = folded["out"]
+    return {**winograd_layers(folded, cfg),
+            "out": {"cells_taps": _output_cells_taps(out["kernel"]), "bias": out["bias"]}}
+
+
 # ------------------------------------------------------------------------------ the forward
 
 
@@ -397,8 +411,8 @@ def _blocks(blocks: list, h):
 
 
 def _float32_forward(layers: dict, x, p):
-    """fold_batchnorm's (or winograd_layers') layers: XLA's float32 convolutions, the blocks
-    by Winograd where they hold it."""
+    """fold_batchnorm's (or cpu_float32_layers') layers: XLA's float32 convolutions, the
+    blocks by Winograd and the output conv by its cell taps where they hold them."""
     h = _selu(_input_conv(layers["in"], x, p))
     for key in ("down1", "down2"):
         h = _selu(layers[key]["bias"] + _strided_conv(h, layers[key]["kernel"]))
@@ -406,7 +420,17 @@ def _float32_forward(layers: dict, x, p):
     for key in ("up1", "up2"):
         h = _selu(conv_transpose_forward(h, layers[key]["kernel"], (2, 1, 1))
                   + layers[key]["bias"])
-    return reflect_conv(h, layers["out"]["kernel"]) + layers["out"]["bias"]
+    return _output_conv(layers["out"], h)
+
+
+def _output_conv(layer: dict, h):
+    """The output 7x7 conv + bias by the form its layer holds: 'cells_taps' (a product on
+    space_to_depth cells) or 'kernel' (a convolution)."""
+    if "cells_taps" in layer:
+        y = _output_conv_s2d(h, layer["cells_taps"], layer["bias"].shape[0])
+    else:
+        y = reflect_conv(h, layer["kernel"])
+    return y + layer["bias"]
 
 
 def _matrix_forward(layers: dict, x, p):
@@ -422,8 +446,7 @@ def _matrix_forward(layers: dict, x, p):
         # the output's bits in cells (an elementwise pass), then rearranged as 2-byte values
         cells = _up_conv_s2d(h, layers[key]["cells_matrix"]) + layers[key]["bias"]
         h = depth_to_space(_bits(_selu(cells), dt))
-    out = layers["out"]
-    return _output_conv_s2d(h, out["cells_taps"], out["bias"].shape[0]) + out["bias"]
+    return _output_conv(layers["out"], h)
 
 
 def _forward(layers: dict, x, p):
@@ -480,7 +503,7 @@ def prepare(gen: Generator, dtype: str = "float32") -> FastGenerator:
         layers = jax.jit(matrix_layers, static_argnums=(1, 2))(folded, dtype,
                                                                gen.config.image_size // 4)
     elif jax.default_backend() == "cpu":
-        layers = jax.jit(winograd_layers, static_argnums=1)(folded, gen.config)
+        layers = jax.jit(cpu_float32_layers, static_argnums=1)(folded, gen.config)
     else:
         layers = folded
     return FastGenerator(gen.config, layers, gen.delta_p, dtype)
