@@ -29,6 +29,7 @@ __all__ = [
     "affine_params", "conv2d", "reflect_conv2d", "reflect_conv", "conv_transpose2d",
     "ConvTranspose2d", "conv_transpose", "conv_transpose_subpixel", "conv_transpose_phases",
     "conv_transpose_forward", "subpixel_fits", "cpu_conv", "conv_space_to_depth", "conv_by_taps",
+    "conv_cells", "cell_kernel", "cell_taps", "sum_cell_taps",
     "dense",
     "reflect_pad", "reflect_conv_pairs", "space_to_depth", "depth_to_space", "Conv3x3Resampled",
     "upsample2_conv3x3",
@@ -44,7 +45,8 @@ def conv2d(features: int, kernel: int, stride: int = 1, padding: int = 0, *, bia
 
     Kernel layout HWIO = torch weight (O, I, kh, kw) transposed (2, 3, 1, 0). On CPU it runs
     through `cpu_conv`: a strided one takes its input gradient by space-to-depth, a large
-    3x3 one is computed by Winograd, every one takes its kernel gradient tap by tap.
+    3x3 one is computed by Winograd, one to or from few channels on 2 x 2 cells
+    (`conv_cells`), a wide one takes its kernel gradient tap by tap.
     """
     fast = jax.default_backend() == "cpu"
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
@@ -91,6 +93,10 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
       WINOGRAD_MIN_CHANNELS: `conv3x3_same`, forward and input gradient, with
       F(4x4, 3x3) from WINOGRAD_LARGE_PIXELS (the targets' residual blocks; error ~1e-5 of
       the output's scale), else F(2x2, 3x3) (ArcFace's stages at 28 and 14 px; ~1e-6).
+    - stride 1, float32, a square kernel k >= 3, <= FEW_CHANNELS channels out and
+      >= MANY_CHANNELS in: `conv_cells`, forward and both gradients (one product each);
+      <= FEW_CHANNELS in and >= MANY_CHANNELS out: XLA's forward and kernel gradient, the
+      input gradient (a conv to few channels) by `conv_cells`.
     - any other plain one: XLA's forward and input gradient.
     Every plain one with >= TAPS_MIN_CHANNELS channels in and out takes its kernel gradient by
     `conv_by_taps` (one 2-D product per tap). Anything else: XLA's convolution."""
@@ -112,6 +118,11 @@ def cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=
     tile = _winograd_tile(*args)
     if tile:
         return conv3x3_same(lhs, rhs, tile)
+    few = _few_channels_side(lhs, rhs)
+    if few == "outputs":
+        return _conv_few_outputs(lhs, rhs, geometry)
+    if few == "inputs":
+        return _conv_few_inputs(lhs, rhs, geometry)
     if _taps_worth(rhs.shape):
         return _conv_fast_dk(lhs, rhs, geometry)
     return jax.lax.conv_general_dilated(*args, **kwargs)
@@ -133,8 +144,7 @@ def conv_by_taps(x: jax.Array, kernel: jax.Array, geometry: tuple) -> jax.Array:
     crop."""
     (sh, sw), padding = geometry
     kh, kw, i, o = kernel.shape
-    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*padding[0], 0),
-                                                 (*padding[1], 0), (0, 0, 0)])
+    xp = _pad_input(x, padding)
     b, hp, wp, _ = xp.shape
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     y = None
@@ -192,6 +202,163 @@ def depth_to_space(y: jax.Array, block: tuple = (2, 2)) -> jax.Array:
         b, h * bh, w * bw, cc // (bh * bw))
 
 
+# Convolutions on 2 x 2 cells: a stride-1 conv to (or from) few channels as 2-D products.
+# XLA:CPU's own convolution runs a 7x7 conv 64 -> 3 far below its peak (256 px, batch 2, 2-core
+# Xeon: forward 81 ms, forward + input gradient 94, with the kernel gradient 317); on cells
+# the same conv is one product with 4C rows and n * n * 4O columns: 23, 51 and 68 ms.
+
+def cell_kernel(kernel: jax.Array) -> jax.Array:
+    """A stride-1 kernel (k, k, C, O) HWIO -> (n, n, 4C, 4O), n = k // 2 + 1: the same VALID
+    convolution from the space_to_depth cells of the input to the cells of the output. Output
+    pixel 2a + p reads input rows 2a + p + i (i < k), the row phase pi of cell a + t with
+    i = 2t + pi - p; taps outside the kernel are zero."""
+    k, _, c, o = kernel.shape
+    n = k // 2 + 1
+    tap = np.full((n, 2, 2), k)                       # (t, pi, p) -> kernel row, k: zero
+    for t in range(n):
+        for pi in range(2):
+            for ph in range(2):
+                if 0 <= 2 * t + pi - ph < k:
+                    tap[t, pi, ph] = 2 * t + pi - ph
+    kz = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+    g = kz[tap[:, :, :, None, None, None], tap[None, None, None]]   # (t, pi, p, u, pj, q, C, O)
+    return g.transpose(0, 3, 1, 4, 6, 2, 5, 7).reshape(n, n, 4 * c, 4 * o)
+
+
+def cell_taps(kernel: jax.Array) -> jax.Array:
+    """HWIO (k, k, C, O) -> (4C, n * n * 4O) for `sum_cell_taps`: columns (cell tap t, u,
+    output phase, o)."""
+    g = cell_kernel(kernel)
+    return jnp.transpose(g, (2, 0, 1, 3)).reshape(g.shape[2], -1)
+
+
+def sum_cell_taps(y: jax.Array, n: int) -> jax.Array:
+    """The product of input cells with `cell_taps`, (B, h + n - 1, w + n - 1, n * n * 4O) ->
+    the output cells (B, h, w, 4O): each cell tap's contribution shifted into place."""
+    b, hh, ww, cols = y.shape
+    y = y.reshape(b, hh, ww, n * n, cols // (n * n))
+    h, w = hh - n + 1, ww - n + 1
+    return sum(y[:, i:i + h, j:j + w, n * i + j] for i in range(n) for j in range(n))
+
+
+def _product(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
+    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _cells_geometry(x_shape: tuple, k: int) -> tuple:
+    """A VALID k x k conv of x (B, Hp, Wp, C) on cells: n, the output (Ho, Wo), its cells
+    (hc, wc) (odd sides rounded up)."""
+    ho, wo = x_shape[1] - k + 1, x_shape[2] - k + 1
+    return k // 2 + 1, (ho, wo), (-(-ho // 2), -(-wo // 2))
+
+
+def _input_cells(xp: jax.Array, k: int) -> jax.Array:
+    """xp (B, Hp, Wp, C) -> the cells (B, hc + n - 1, wc + n - 1, 4C) a VALID k x k conv
+    reads, zero-filled at the bottom and right where a side does not fill whole cells."""
+    n, _, (hc, wc) = _cells_geometry(xp.shape, k)
+    fill = ((0, 0), (0, 2 * (hc + n - 1) - xp.shape[1]), (0, 2 * (wc + n - 1) - xp.shape[2]),
+            (0, 0))
+    return space_to_depth(jnp.pad(xp, fill))
+
+
+def conv_cells(xp: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A VALID stride-1 convolution of xp (B, Hp, Wp, C) with a square kernel (k, k, C, O)
+    HWIO, as one product of the input's cells with `cell_taps` (4C rows, n * n * 4O columns)
+    and a sum of shifted views: the same sums (zeros added), for few output channels."""
+    k = kernel.shape[0]
+    n, (ho, wo), _ = _cells_geometry(xp.shape, k)
+    y = _product(_input_cells(xp, k), cell_taps(kernel).astype(xp.dtype), 3, 0)
+    return depth_to_space(sum_cell_taps(y, n))[:, :ho, :wo].astype(xp.dtype)
+
+
+def _output_gradient_cells(g: jax.Array, k: int, xp_shape: tuple) -> jax.Array:
+    """conv_cells' output gradient g (B, Ho, Wo, O) -> the gradient of its product
+    (B, hc + n - 1, wc + n - 1, n * n * 4O): per cell tap, g's cells shifted back."""
+    n, (ho, wo), (hc, wc) = _cells_geometry(xp_shape, k)
+    gc = space_to_depth(jnp.pad(g, ((0, 0), (0, 2 * hc - ho), (0, 2 * wc - wo), (0, 0))))
+    return jnp.concatenate([jnp.pad(gc, ((0, 0), (i, n - 1 - i), (j, n - 1 - j), (0, 0)))
+                            for i in range(n) for j in range(n)], axis=-1)
+
+
+def _conv_cells_dx(xp, kernel, g):
+    """conv_cells' input gradient: the product's gradient times cell_taps^T, back to pixels."""
+    dy = _output_gradient_cells(g, kernel.shape[0], xp.shape)
+    dxs = _product(dy, cell_taps(kernel).astype(g.dtype), 3, 1)
+    return depth_to_space(dxs)[:, :xp.shape[1], :xp.shape[2]].astype(xp.dtype)
+
+
+def _conv_cells_dk(xp, kernel, g):
+    """conv_cells' kernel gradient: ONE product input cells^T @ product gradient (contracting
+    batch and cells), mapped back through cell_taps (its transpose: a small scatter-add)."""
+    k = kernel.shape[0]
+    xs, dy = _input_cells(xp, k), _output_gradient_cells(g, k, xp.shape)
+    rows = xs.shape[0] * xs.shape[1] * xs.shape[2]
+    d_taps = _product(xs.reshape(rows, -1), dy.reshape(rows, -1), 0, 0)
+    return jax.linear_transpose(cell_taps, kernel)(d_taps.astype(kernel.dtype))[0]
+
+
+def _pad_input(x: jax.Array, padding: tuple) -> jax.Array:
+    """Zero padding ((lo, hi), (lo, hi)) of x's spatial axes (a negative pad crops)."""
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*padding[0], 0),
+                                                   (*padding[1], 0), (0, 0, 0)])
+
+
+def _unpad_gradient(dxp: jax.Array, padding: tuple) -> jax.Array:
+    """The transpose of `_pad_input`: the padded input's gradient -> the input's."""
+    return _pad_input(dxp, tuple((-lo, -hi) for lo, hi in padding))
+
+
+def _flipped(kernel: jax.Array) -> jax.Array:
+    """The kernel of a stride-1 conv's input gradient: taps reversed, in and out swapped."""
+    return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+def _few_outputs_forward(x, kernel, geometry):
+    return conv_cells(_pad_input(x, geometry[1]), kernel)
+
+
+def _few_outputs_dx(x, kernel, geometry, g):
+    return _unpad_gradient(_conv_cells_dx(_pad_input(x, geometry[1]), kernel, g), geometry[1])
+
+
+def _few_outputs_dk(x, kernel, geometry, g):
+    return _conv_cells_dk(_pad_input(x, geometry[1]), kernel, g)
+
+
+def _few_inputs_dx(x, kernel, geometry, g):
+    """A stride-1 conv's input gradient as the VALID conv of g padded by k - 1 with the
+    flipped kernel (to the few input channels: `conv_cells`), the padding then undone."""
+    k = kernel.shape[0]
+    dxp = conv_cells(_pad_input(g, ((k - 1, k - 1), (k - 1, k - 1))), _flipped(kernel))
+    return _unpad_gradient(dxp, geometry[1]).astype(x.dtype)
+
+
+def _direct_conv_dk(x, kernel, geometry, g):
+    return jax.linear_transpose(lambda k_: _direct_conv(x, k_, geometry), kernel)(g)[0]
+
+
+# A stride-1 float32 square-kernel conv (k >= 3) with at most FEW_CHANNELS channels on one
+# side and at least MANY_CHANNELS on the other: to few outputs (every target's and G's last
+# conv, 64 -> 3) all on cells; from few inputs (their first conv) XLA's forward and kernel
+# gradient, its input gradient (a conv to few channels) on cells (7x7 8 -> 64 at 256 px,
+# batch 2, forward + input gradient: 104 -> 79 ms).
+FEW_CHANNELS = 8
+MANY_CHANNELS = 16
+
+
+def _few_channels_side(lhs, rhs) -> str | None:
+    """'outputs', 'inputs' or None: which side of this stride-1 conv has few channels."""
+    kh, kw, c, o = rhs.shape
+    if not (kh == kw >= 3 and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32):
+        return None
+    if o <= FEW_CHANNELS and c >= MANY_CHANNELS:
+        return "outputs"
+    if c <= FEW_CHANNELS and o >= MANY_CHANNELS:
+        return "inputs"
+    return None
+
+
 def _with_gradients(forward: Callable, dx_fn: Callable, dk_fn: Callable) -> Callable:
     """forward(x, kernel, static), a convolution, differentiable with the gradients
     dx_fn(x, kernel, static, g) and dk_fn(x, kernel, static, g) (static: hashable, no
@@ -242,6 +409,8 @@ def _taps_worth(kernel_shape: tuple) -> bool:
 _strided_conv_fast_dx = _with_gradients_of(_direct_conv, conv_space_to_depth, _direct_conv)
 _strided_conv_fast_dx_dk = _with_gradients_of(_direct_conv, conv_space_to_depth, conv_by_taps)
 _conv_fast_dk = _with_gradients_of(_direct_conv, _direct_conv, conv_by_taps)
+_conv_few_outputs = _with_gradients(_few_outputs_forward, _few_outputs_dx, _few_outputs_dk)
+_conv_few_inputs = _with_gradients(_direct_conv, _few_inputs_dx, _direct_conv_dk)
 
 _SAME_3X3 = ((1, 1), ((1, 1), (1, 1)))
 

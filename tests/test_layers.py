@@ -1,7 +1,8 @@
 """ports.layers' CPU fast paths: ConvTranspose2d (flax's ConvTranspose numbers, forward and
 gradients, through the phases and sub-pixel forms), strided conv2d (nn.Conv's numbers, its
-input gradient through space-to-depth), Winograd 3x3 convs, kernel gradients by taps, the
-closed-form norm gradients, max_pool_2x2 and Conv3x3Resampled; the forms themselves."""
+input gradient through space-to-depth), Winograd 3x3 convs, convs to or from few channels on
+2 x 2 cells, kernel gradients by taps, the closed-form norm gradients, max_pool_2x2 and
+Conv3x3Resampled; the forms themselves."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -387,3 +388,66 @@ def test_conv2d_kernel_gradient_by_taps(stride, channels):
     # the forward's convolution, and XLA's kernel gradient unless it goes by taps
     want = 1 if channels >= layers.TAPS_MIN_CHANNELS else 2
     assert hlo.count(" convolution(") == want, hlo
+
+
+@pytest.mark.parametrize("k,shape", [(7, (2, 15, 18, 16, 3)), (3, (1, 9, 8, 20, 1)),
+                                     (4, (2, 11, 10, 16, 2)), (5, (1, 7, 7, 17, 8))])
+def test_conv_on_cells_equals_the_direct_conv(k, shape):
+    """conv_cells (the product of 2 x 2 input cells with cell_taps, shifted sums) = the VALID
+    conv, odd and even kernels and sides, to float32 rounding of the output's scale."""
+    from ports.layers import conv_cells
+
+    b, h, w, c, o = shape
+    x = jax.random.normal(jax.random.key(k), (b, h, w, c))
+    kernel = jax.random.normal(jax.random.key(k + 1), (k, k, c, o))
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = conv_cells(x, kernel)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU fast paths")
+@pytest.mark.parametrize("k,p,c,o", [(7, 3, 16, 3), (3, 1, 20, 1), (7, 3, 3, 16), (4, 1, 8, 24),
+                                     (3, 0, 5, 16)])
+def test_few_channel_conv2d_on_cells_with_its_gradients(k, p, c, o):
+    """A stride-1 conv2d with <= FEW_CHANNELS outputs (>= MANY_CHANNELS inputs) computes its
+    forward and both gradients on cells (no convolution left); with few inputs only its input
+    gradient (XLA's forward and kernel gradient stay); either way nn.Conv's numbers to 1e-5 of
+    their scale."""
+    from ports import layers
+
+    x = jax.random.normal(jax.random.key(k + c), (2, 13, 14, c))
+    ours = conv2d(o, k, 1, p, bias=True)
+    ref = nn.Conv(o, (k, k), padding=((p, p), (p, p)))
+    variables = jax.tree.map(lambda v: v + 0.1, ref.init(jax.random.key(3), x))
+    want = ref.apply(variables, x)
+    np.testing.assert_allclose(ours.apply(variables, x), want,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+    _assert_same_gradients(ours, ref, variables, x)
+
+    def loss(v, x):
+        return jnp.sum(jnp.sin(ours.apply(v, x)))
+    few_outputs = o <= layers.FEW_CHANNELS
+    for argnums, want_convs in ((1, 0 if few_outputs else 1),          # forward + dx
+                                ((0, 1), 0 if few_outputs else 2)):    # + dk
+        hlo = jax.jit(jax.grad(loss, argnums=argnums)).lower(variables, x).compile().as_text()
+        assert hlo.count(" convolution(") == want_convs, hlo
+
+
+@pytest.mark.parametrize("c,o", [(16, 3), (3, 16)])
+def test_few_channel_conv2d_gradients_under_vmap(c, o):
+    """The step maps a target's forward over its conditions: the cells forms' custom
+    gradients (input and kernel) under vmap equal the per-example ones."""
+    x = jax.random.normal(jax.random.key(c), (3, 2, 10, 12, c))
+    m = conv2d(o, 7, 1, 3, bias=False)
+    v = m.init(jax.random.key(0), x[0])
+
+    def loss(v, x):
+        return jnp.sum(jnp.sin(m.apply(v, x)))
+    grad = jax.grad(loss, argnums=(0, 1))
+    mapped = jax.vmap(grad, in_axes=(None, 0))(v, x)
+    for i in range(3):
+        for a, b in zip(jax.tree.leaves(grad(v, x[i])),
+                        jax.tree.leaves(jax.tree.map(lambda t: t[i], mapped))):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

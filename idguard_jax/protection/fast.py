@@ -46,8 +46,9 @@ import numpy as np
 from jax import lax
 
 from idguard_jax.generator import Generator, GeneratorConfig, generator_input, within_budget
-from ports.layers import (conv_transpose_forward, depth_to_space, reflect_conv,
-                          reflect_conv_pairs, reflect_pad, space_to_depth)
+from ports.layers import (cell_kernel, cell_taps, conv_transpose_forward, depth_to_space,
+                          reflect_conv, reflect_conv_pairs, reflect_pad, space_to_depth,
+                          sum_cell_taps)
 from ports.winograd import bfloat16_bits, conv3x3_winograd, winograd_fits, winograd_kernel
 
 __all__ = ["FastGenerator", "fold_batchnorm", "matrix_layers", "winograd_layers",
@@ -167,27 +168,9 @@ def _down_conv_mm(x, matrix):
 # every product has a long contraction and many columns (3 input or output channels alone
 # run far below the dot's peak).
 
-def _cell_kernel(kernel):
-    """A stride-1 kernel (k, k, C, O) HWIO, k odd -> (n, n, 4C, 4O), n = k // 2 + 1: the
-    same convolution from the space_to_depth cells of the input padded by k // 2 to the cells
-    of the output. Output pixel 2a + p reads padded rows 2a + p + i (i < k), the row phase
-    pi of cell a + t with i = 2t + pi - p; taps outside the kernel are zero."""
-    k, _, c, o = kernel.shape
-    n = k // 2 + 1
-    tap = np.full((n, 2, 2), k)                       # (t, pi, p) -> kernel row, k: zero
-    for t in range(n):
-        for pi in range(2):
-            for ph in range(2):
-                if 0 <= 2 * t + pi - ph < k:
-                    tap[t, pi, ph] = 2 * t + pi - ph
-    kz = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-    g = kz[tap[:, :, :, None, None, None], tap[None, None, None]]   # (t, pi, p, u, pj, q, C, O)
-    return g.transpose(0, 3, 1, 4, 6, 2, 5, 7).reshape(n, n, 4 * c, 4 * o)
-
-
 def _input_patches_s2d(x, dtype, pad: int):
     """x (B, H, W, C) float32 -> the im2col patches of the reflect-padded input's cells for
-    `_cell_kernel` with n = pad + 1: (B, H/2, W/2, n * n * 4C) bits."""
+    `cell_kernel` with n = pad + 1: (B, H/2, W/2, n * n * 4C) bits."""
     n = pad + 1
     xs = space_to_depth(_bits(reflect_pad(x, pad), dtype))
     h, w = xs.shape[1] - n + 1, xs.shape[2] - n + 1
@@ -261,23 +244,13 @@ def _up_cells_matrix(kernel):
 
 def _output_conv_s2d(x, taps, out_channels: int):
     """ReflectionPad2d(k // 2) + conv k x k (k odd) to few output channels of x (B, H, W, C)
-    -> (B, H, W, O), taps (4C, n * n * 4O), n = k // 2 + 1 (`_output_cells_taps`): one
+    -> (B, H, W, O), taps (4C, n * n * 4O), n = k // 2 + 1 (`cell_taps`): one
     product of each padded input cell gives every cell tap's contribution, and the n * n
     shifted views are summed in cells (4O = 12 values wide, against 3 per pixel)."""
     n = int(round(np.sqrt(taps.shape[1] // (4 * out_channels))))
     k = 2 * n - 1
     xs = space_to_depth(_bits(reflect_pad(x, k // 2), taps.dtype))
-    b, hh, ww, _ = xs.shape
-    y = _mm(xs, taps).reshape(b, hh, ww, n * n, -1)
-    h, w = hh - n + 1, ww - n + 1
-    return depth_to_space(sum(y[:, i:i + h, j:j + w, n * i + j]
-                              for i in range(n) for j in range(n)))
-
-
-def _output_cells_taps(kernel):
-    """HWIO (k, k, C, O) -> (4C, n * n * 4O): columns (cell tap t, u, output phase, o)."""
-    g = _cell_kernel(kernel)
-    return jnp.transpose(g, (2, 0, 1, 3)).reshape(g.shape[2], -1)
+    return depth_to_space(sum_cell_taps(_mm(xs, taps), n))
 
 
 def _selu(x):
@@ -315,14 +288,14 @@ def matrix_layers(folded: dict, dtype: str = "bfloat16", block_side: int | None 
     cast = lambda m: m.astype(dt)
     kin = folded["in"]["kernel"]
     c = kin.shape[2] // 2                              # image channels; the prior's follow
-    cells = _cell_kernel(kin[:, :, :c])
+    cells = cell_kernel(kin[:, :, :c])
     out = {"in": {"cells_matrix": cast(cells.reshape(-1, cells.shape[-1])),
-                  "prior_cells_matrix": cast(_cell_kernel(kin[:, :, c:]).reshape(-1,
+                  "prior_cells_matrix": cast(cell_kernel(kin[:, :, c:]).reshape(-1,
                                                                                  cells.shape[-1])),
                   "bias": jnp.tile(folded["in"]["bias"], 4)},
            "down1": {"cells_matrix": cast(_down_cells_matrix(folded["down1"]["kernel"])),
                      "bias": folded["down1"]["bias"]},
-           "out": {"cells_taps": cast(_output_cells_taps(folded["out"]["kernel"])),
+           "out": {"cells_taps": cast(cell_taps(folded["out"]["kernel"])),
                    "bias": folded["out"]["bias"]}}
     kernel = folded["down2"]["kernel"]
     out["down2"] = ({"matrix": cast(_down_matrix(kernel)), "bias": folded["down2"]["bias"]}
@@ -369,7 +342,7 @@ def cpu_float32_layers(folded: dict, cfg: GeneratorConfig) -> dict:
     54)."""
     out = folded["out"]
     return {**winograd_layers(folded, cfg),
-            "out": {"cells_taps": _output_cells_taps(out["kernel"]), "bias": out["bias"]}}
+            "out": {"cells_taps": cell_taps(out["kernel"]), "bias": out["bias"]}}
 
 
 # ------------------------------------------------------------------------------ the forward
