@@ -50,7 +50,8 @@ calls, each call synchronised with jax.block_until_ready. Per measurement (JSON 
               speedup = torch / ours (median; and of the minima), each side's median system
               seconds and fresh page faults per call (ours_sys_s, ours_page_faults, ...;
               warned about when the shared heap was still growing), first_step_rel_err (both
-              sides' first losses and weights)
+              sides' first losses and weights), ours_repeat_rel_err (our first step again on
+              the same state and batch: 0 where XLA:CPU's run is deterministic; warned about)
   anchor_protect  with --against torch, per --protect-batches: ours per --dtypes
               (anchor.OUR_PROTECTION) and the torch generator's eval forward (float32 and, with
               bfloat16, its autocast and cast variants), s_per_image, torch_float32_over_this,
@@ -69,7 +70,8 @@ calls, each call synchronised with jax.block_until_ready. Per measurement (JSON 
 The device record names the host allocator: 'retained' (idguard_jax.host_memory, what every
 command line sets) or 'system' (IDGUARD_HOST_MALLOC=system); under --against torch it holds for
 both sides. Its 'xla_cpu_convolutions' is 'eigen' (idguard_jax.xla_cpu, what every command line
-sets) or 'xla default' (IDGUARD_XLA_CPU_CONV=ynn, the user's own XLA_FLAGS, an unchecked jaxlib).
+sets) or 'xla default' (IDGUARD_XLA_CPU_CONV=ynn, the user's own XLA_FLAGS, an unchecked jaxlib);
+'xla_cpu_dots' is 'eigen' under IDGUARD_XLA_CPU_DOTS=eigen (a reproducible, ~10% slower step).
 
 Targets, the generator and the identity network carry RANDOM weights (speed does not depend on
 the values; 'auto' identity becomes an ArcFace-sized random network). Nothing is asserted. Only
@@ -149,9 +151,10 @@ def prepare(jitted, args: tuple, carry_first: bool = False) -> tuple[dict, objec
     t2 = time.perf_counter()
     holder = list(args)
 
-    def call():
-        out = compiled(*holder)
-        if carry_first:
+    def call(*other_args):
+        """One synchronised call; other_args: call on these instead (nothing carried)."""
+        out = compiled(*(other_args or holder))
+        if carry_first and not other_args:
             holder[0] = out[0]
         return jax.block_until_ready(out)
 
@@ -522,7 +525,14 @@ def _device_record(size: str) -> dict:
     return {"bench": "device", "device": str(dev), "kind": dev.device_kind,
             "platform": dev.platform, "count": len(jax.devices()), "jax": jax.__version__,
             "size": size, "host_malloc": "retained" if host_memory.retained() else "system",
-            "xla_cpu_convolutions": "eigen" if xla_cpu.routed() else "xla default"}
+            **_xla_cpu_routing(os.environ.get("XLA_FLAGS", ""))}
+
+
+def _xla_cpu_routing(flags: str) -> dict:
+    """Where XLA:CPU's convolutions and dots run in this process: 'eigen' where XLA_FLAGS
+    removes YNNPACK's fusion of them (idguard_jax.xla_cpu), else 'xla default'."""
+    return {f"xla_cpu_{kind}": "eigen" if f"-individual_{op}" in flags else "xla default"
+            for kind, op in (("convolutions", "convolution"), ("dots", "dot"))}
 
 
 def _per_dtype_sections(args, base, skip: set, emit) -> None:
@@ -638,8 +648,8 @@ def _print_anchor_summary(results: list[dict]) -> None:
             lines.insert(0, f"both sides in one process, host malloc {r['host_malloc']} "
                             f"(idguard_jax.host_memory; {host_memory.ENV}=system for glibc's "
                             "default); XLA:CPU convolutions "
-                            f"{r['xla_cpu_convolutions']} (idguard_jax.xla_cpu; "
-                            f"{xla_cpu.ENV}=ynn for XLA's default)")
+                            f"{r['xla_cpu_convolutions']}, dots {r['xla_cpu_dots']} "
+                            f"(idguard_jax.xla_cpu; {xla_cpu.ENV}=ynn, {xla_cpu.DOTS_ENV}=eigen)")
     if len(lines) > 3:
         print("\n".join(lines), file=sys.stderr)
 

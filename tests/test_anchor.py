@@ -118,3 +118,18 @@ def test_component_table_and_summary(capsys):
     assert "| train step, 64 px, batch 4, 5 targets + arcface, kpi | 15.000 s | 5.000 s | " \
            "3.00x |" in err
     assert "ours float32 vs torch float32 | 0.3000 s/img | 0.2000 s/img | 1.50x |" in err
+
+
+def test_repeat_check_and_its_warning(capsys):
+    """Our first step called twice on the same state: 0 where the calls agree, the largest
+    relative difference per quantity where not, and a warning naming the cause."""
+    names = ("stargan", "hisd")
+    first = {"stargan/loss": -0.2, "stargan/lambda": 6.5, "hisd/loss": -0.1, "hisd/lambda": 740.0}
+    assert anchor._repeat_check(first, dict(first), names) == {"loss": 0.0, "weights": 0.0}
+    anchor._warn_repeat({"loss": 0.0, "weights": 0.0})
+    assert capsys.readouterr().err == ""
+    again = {**first, "stargan/loss": -0.2002, "hisd/lambda": 740.74}
+    repeat = anchor._repeat_check(first, again, names)
+    assert repeat["loss"] == pytest.approx(1e-3) and repeat["weights"] == pytest.approx(1e-3)
+    anchor._warn_repeat(repeat)
+    assert "not deterministic" in capsys.readouterr().err

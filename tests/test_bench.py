@@ -53,6 +53,7 @@ def test_bench_tiny_writes_every_field(tmp_path):
     for rec in results:
         by.setdefault(rec["bench"], []).append(rec)
     assert by["device"][0]["platform"] == "cpu"
+    assert {"xla_cpu_convolutions", "xla_cpu_dots"} <= set(by["device"][0])
     steps = {rec["strategy"]: rec for rec in by["train_step"]}
     assert set(steps) == {"kpi", "mgda"}
     for rec in steps.values():
@@ -80,6 +81,14 @@ def test_bench_tiny_writes_every_field(tmp_path):
     assert (variants["features_twice"]["compiled_flops_per_step"]
             > variants["ours"]["compiled_flops_per_step"])
     assert "largest batch" in r.stderr
+
+
+def test_device_record_names_where_convolutions_and_dots_run():
+    flag = "--xla_cpu_experimental_ynn_fusion_type"
+    assert bench._xla_cpu_routing("") == {"xla_cpu_convolutions": "xla default",
+                                          "xla_cpu_dots": "xla default"}
+    assert bench._xla_cpu_routing(f"{flag}=-individual_convolution,-individual_dot") == {
+        "xla_cpu_convolutions": "eigen", "xla_cpu_dots": "eigen"}
 
 
 def test_memory_fit_and_largest_batch():

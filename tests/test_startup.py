@@ -1,5 +1,6 @@
 """idguard_jax.startup and xla_cpu: a command line run (and only it) keeps freed memory and routes
-XLA:CPU's convolutions to its own kernels; the user's XLA_FLAGS and IDGUARD_XLA_CPU_CONV win."""
+XLA:CPU's convolutions to its own kernels (and with IDGUARD_XLA_CPU_DOTS=eigen its dots); the
+user's XLA_FLAGS and IDGUARD_XLA_CPU_CONV win."""
 import os
 import subprocess
 import sys
@@ -25,6 +26,21 @@ def fresh_backend(monkeypatch):
     monkeypatch.setattr(xla_cpu, "_jaxlib_checked", lambda: True)
     monkeypatch.setattr(xla_cpu, "_routed", False)
     monkeypatch.delenv(xla_cpu.ENV, raising=False)
+    monkeypatch.delenv(xla_cpu.DOTS_ENV, raising=False)
+
+
+@pytest.mark.parametrize("conv, dots, wanted", [
+    (None, None, "=-individual_convolution"), ("ynn", None, None),
+    (None, "eigen", "=-individual_convolution,-individual_dot"),
+    ("ynn", "EIGEN", "=-individual_dot")])
+def test_the_setting_follows_both_variables(fresh_backend, monkeypatch, conv, dots, wanted):
+    for name, value in ((xla_cpu.ENV, conv), (xla_cpu.DOTS_ENV, dots)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    assert xla_cpu.setting() == (None if wanted is None else xla_cpu.FLAG + wanted)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert xla_cpu.route_convolutions_to_eigen() == (wanted is not None)
+    assert os.environ["XLA_FLAGS"] == ("" if wanted is None else xla_cpu.FLAG + wanted)
 
 
 def test_routing_appends_to_the_users_flags(fresh_backend, monkeypatch):
@@ -70,7 +86,8 @@ print("ynn_fusion" in jax.jit(conv).lower(x, w).compile().as_text(), file=sys.st
 
 
 def _conv_in_fresh_process(env_value):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", xla_cpu.ENV, xla_cpu.DOTS_ENV)}
     env["JAX_PLATFORMS"] = "cpu"
     if env_value is not None:
         env[xla_cpu.ENV] = env_value
