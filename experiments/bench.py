@@ -71,7 +71,7 @@ The device record names the host allocator: 'retained' (idguard_jax.host_memory,
 command line sets) or 'system' (IDGUARD_HOST_MALLOC=system); under --against torch it holds for
 both sides. Its 'xla_cpu_convolutions' is 'eigen' (idguard_jax.xla_cpu, what every command line
 sets) or 'xla default' (IDGUARD_XLA_CPU_CONV=ynn, the user's own XLA_FLAGS, an unchecked jaxlib);
-'xla_cpu_dots' is 'eigen' under IDGUARD_XLA_CPU_DOTS=eigen (a reproducible, ~10% slower step).
+'xla_cpu_dots' is 'eigen' under IDGUARD_XLA_CPU_DOTS=eigen (a reproducible, 10-26% slower step).
 
 Targets, the generator and the identity network carry RANDOM weights (speed does not depend on
 the values; 'auto' identity becomes an ArcFace-sized random network). Nothing is asserted. Only
