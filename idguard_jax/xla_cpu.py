@@ -10,10 +10,10 @@ replaces. 2-core Xeon (AVX-512, AMX-BF16), float32, a 256-channel 3x3 conv at 64
 Dots stay on YNNPACK (its bfloat16 products are the fast path of `protection.fast`), unless
 IDGUARD_XLA_CPU_DOTS=eigen: YNNPACK's dots make the train step NOT reproducible. On the Xeon at
 256 px, batch 2 (StarGAN + RelGAN + ArcFace, kpi), 2 of 10 calls of one compiled step on the
-same state and batch gave a RelGAN loss 2e-5 (relative) off the other 8 (and 1 of 4 calls with
-the five targets, StarGAN's 3e-4 off); with dots on Eigen 10 of 10 were bit for bit equal, at
-+10% step time there (10.6 -> 11.7 s) and +26% for the five targets (the anchor, 19.7 ->
-24.9 s). jax-ml/jax#39741 reports the same on 2+ threads.
+same state and batch gave a RelGAN loss 2e-5 (relative) off the other 8 (with the five
+targets, one of two fresh processes gave a first step 4e-3 off); with dots on Eigen 10 of 10
+were bit for bit equal, at +10% step time there (10.6 -> 11.7 s) and +26% for the five
+targets (the anchor, 19.7 -> 24.9 s). jax-ml/jax#39741 reports the same on 2+ threads.
 Protection (eval forward, on YNNPACK's products) gave one output in 30 calls. So reproducible
 training runs set IDGUARD_XLA_CPU_DOTS=eigen; the default is the faster step.
 
